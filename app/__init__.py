@@ -1,0 +1,46 @@
+"""vortex-vram: the VRAM manager of the Vortex Director node."""
+
+from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
+from app.config import Settings, SettingsError, load_settings
+from app.errors import (
+    CleanupCooldownError,
+    MemoryLeakWarning,
+    MemoryPressureError,
+    MemoryPressureWarning,
+    VortexInitializationError,
+)
+from app.guards import (
+    check_allocation,
+    check_limits,
+    clear_cuda_cache,
+    get_current_vram_usage,
+    get_monitor,
+    get_vram_breakdown,
+    install_monitor,
+)
+from app.monitor import GenerationRecord, ModelRecord, VRAMMonitor, VRAMSnapshot
+
+__all__ = [
+    "CleanupCooldownError",
+    "CudaBackend",
+    "GenerationRecord",
+    "MemoryBackend",
+    "MemoryLeakWarning",
+    "MemoryPressureError",
+    "MemoryPressureWarning",
+    "ModelRecord",
+    "Settings",
+    "SettingsError",
+    "SimulatedBackend",
+    "VRAMMonitor",
+    "VRAMSnapshot",
+    "VortexInitializationError",
+    "check_allocation",
+    "check_limits",
+    "clear_cuda_cache",
+    "get_current_vram_usage",
+    "get_monitor",
+    "get_vram_breakdown",
+    "install_monitor",
+    "load_settings",
+]

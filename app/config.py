@@ -1,0 +1,157 @@
+"""Settings: defaults < config.yaml (the task card's Director shape) < settings.env < environment.
+
+Every setting is ``VORTEX_<NAME>`` in the environment and in ``settings.env``. A bad value
+fails start-up with ``SettingsError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "VORTEX_"
+
+# config.yaml section -> {key: setting}
+_YAML_KEYS = {
+    "vram_limits": {
+        "soft_gb": "soft_limit_gb",
+        "hard_gb": "hard_limit_gb",
+        "emergency_cleanup": "emergency_cleanup",
+    },
+    "monitoring": {
+        "snapshot_interval_s": "snapshot_interval_s",
+        "leak_detection_threshold_mb": "leak_threshold_mb",
+    },
+}
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+class _DirectorYamlSource(PydanticBaseSettingsSource):
+    """Reads the task card's ``config.yaml`` (``vram_limits``/``monitoring`` sections) from
+    ``VORTEX_CONFIG_FILE``; other sections of a Director config are left alone."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self._path = path
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the mapping whole
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        path = Path(self._path)
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"{env_name('config_file')}={path}: cannot read it: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise SettingsError(f"{env_name('config_file')}={path}: expected a mapping at the top")
+        values: dict[str, Any] = {}
+        for section, keys in _YAML_KEYS.items():
+            body = doc.get(section) or {}
+            if not isinstance(body, dict):
+                raise SettingsError(f"{path}: {section} must be a mapping")
+            unknown = set(body) - set(keys)
+            if unknown:
+                raise SettingsError(
+                    f"{path}: unknown key(s) in {section}: {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(keys)})"
+                )
+            values.update({keys[k]: v for k, v in body.items()})
+        return values
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file="settings.env", extra="ignore", validate_default=True
+    )
+
+    soft_limit_gb: float = Field(11.0, gt=0, description="Warn (and clean the cache) above this.")
+    hard_limit_gb: float = Field(11.5, gt=0, description="Refuse allocations past this.")
+    emergency_cleanup: bool = Field(True, description="Clean the allocator cache on pressure.")
+    limit_basis: Literal["allocated", "reserved"] = "allocated"
+    leak_threshold_mb: float = Field(100.0, gt=0)
+    leak_window: int = Field(100, ge=1)
+    cleanup_cooldown_s: float = Field(30.0, ge=0)
+    soft_limit_hysteresis_mb: float = Field(100.0, ge=0)
+    required_gb: float = Field(11.8, gt=0)
+    snapshot_interval_s: float = Field(60.0, ge=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: SecretStr | None = None
+    config_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> Settings:
+        if self.soft_limit_gb >= self.hard_limit_gb:
+            raise ValueError(
+                f"{env_name('soft_limit_gb')} ({self.soft_limit_gb}) must be below "
+                f"{env_name('hard_limit_gb')} ({self.hard_limit_gb})"
+            )
+        if self.soft_limit_hysteresis_mb * 1e6 >= self.soft_limit_gb * 1e9:
+            raise ValueError(
+                f"{env_name('soft_limit_hysteresis_mb')} ({self.soft_limit_hysteresis_mb}) must be "
+                f"below the soft limit"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get(
+            env_name("config_file")
+        )
+        return (
+            init_settings, env_settings, dotenv_settings,
+            _DirectorYamlSource(settings_cls, str(path) if path else None),
+        )
+
+    def monitor_kwargs(self) -> dict[str, Any]:
+        """The ``VRAMMonitor`` constructor's arguments."""
+        return {
+            "soft_limit_gb": self.soft_limit_gb,
+            "hard_limit_gb": self.hard_limit_gb,
+            "emergency_cleanup": self.emergency_cleanup,
+            "limit_basis": self.limit_basis,
+            "leak_threshold_mb": self.leak_threshold_mb,
+            "leak_window": self.leak_window,
+            "cleanup_cooldown_s": self.cleanup_cooldown_s,
+            "soft_limit_hysteresis_mb": self.soft_limit_hysteresis_mb,
+            "snapshot_interval_s": self.snapshot_interval_s,
+            "required_gb": self.required_gb,
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings(**overrides)``, with validation errors turned into one ``SettingsError``
+    whose lines name each bad variable and the value it had."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            name = env_name(loc) if loc else "settings"
+            got = "" if not loc else f" (got {err.get('input')!r})"
+            lines.append(f"{name}: {err['msg']}{got}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,31 @@
+"""The project's warnings and errors.
+
+Warnings subclass ``UserWarning`` so callers can filter or escalate them with the
+``warnings`` module; errors subclass ``RuntimeError`` as the task card asks.
+"""
+
+from __future__ import annotations
+
+
+class MemoryPressureWarning(UserWarning):
+    """Usage crossed the soft limit. Generation continues."""
+
+
+class MemoryLeakWarning(UserWarning):
+    """Allocated memory after generations grew past the leak threshold over the leak window."""
+
+
+class MemoryPressureError(RuntimeError):
+    """The hard limit was, or would be, crossed; the generation must abort."""
+
+
+class VortexInitializationError(RuntimeError):
+    """The device cannot host the Director (pre-flight failed, no CUDA, bad device)."""
+
+
+class CleanupCooldownError(RuntimeError):
+    """A cleanup was asked for within the cooldown of the previous one."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"emergency cleanup is cooling down; retry in {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
