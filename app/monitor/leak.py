@@ -4,7 +4,8 @@ A leak shows in what stays allocated *after* a generation, once its activations 
 so only post-generation figures are watched and spikes inside a slot never count. The window
 closes on its last generation (the 100th by default) and compares the level it settled at
 (the lowest of its last few post-generation figures, so one slot that ends holding a little
-more does not look like a leak) with the figure before its first generation.
+more does not look like a leak) with the figure before its first generation; the report
+then names the last figure, as the task card's message does.
 """
 
 from __future__ import annotations
@@ -61,6 +62,6 @@ class LeakWindow:
             return None
         t = trend(recent, hard_limit_bytes)
         return LeakFinding(
-            baseline, settled, generations, self.window,
+            baseline, after_bytes, generations, self.window,
             t.bytes_per_generation, t.generations_to_hard_limit,
         )

@@ -1,0 +1,160 @@
+"""Guard latency: median and p99 of the monitor's hot-path calls.
+
+    python benchmarks/guard_latency.py --simulate            # this machine, simulated 12 GB card
+    python benchmarks/guard_latency.py                        # the first CUDA device
+    python benchmarks/guard_latency.py --simulate --json out.json
+
+Also checks that the monitor allocates no VRAM and that its Python heap does not grow over
+100,000 checks (tracemalloc), and on CUDA times the task card's reference check
+(``torch.cuda.memory_allocated()`` compared with two limits) side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from app import CudaBackend, SimulatedBackend, VRAMMonitor  # noqa: E402
+
+GB = 1_000_000_000
+
+
+def progress(it, total: int, label: str):
+    step = max(1, total // 20)
+    for i, x in enumerate(it):
+        if i % step == 0:
+            done = i * 20 // total
+            print(f"\r  {label:<28} [{'#' * done}{'.' * (20 - done)}]", end="", file=sys.stderr)
+        yield x
+    print(f"\r  {label:<28} [{'#' * 20}]", file=sys.stderr)
+
+
+def time_calls(fn: Callable[[], object], n: int, label: str, batch: int = 10) -> dict:
+    """Per-call times in µs, from batches of ``batch`` calls (perf_counter's own cost is
+    ~0.1 µs, comparable to the fastest calls)."""
+    for _ in range(min(1000, n)):
+        fn()
+    samples = []
+    gc.disable()
+    try:
+        for _ in progress(range(n // batch), n // batch, label):
+            t0 = time.perf_counter_ns()
+            for _ in range(batch):
+                fn()
+            samples.append((time.perf_counter_ns() - t0) / batch / 1000)
+    finally:
+        gc.enable()
+    samples.sort()
+    return {
+        "median_us": round(statistics.median(samples), 3),
+        "p99_us": round(samples[int(len(samples) * 0.99) - 1], 3),
+        "calls": n,
+    }
+
+
+def heap_growth(fn: Callable[[], object], n: int) -> int:
+    for _ in range(1000):
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(n):
+        fn()
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    stats = after.compare_to(before, "filename")
+    return sum(s.size_diff for s in stats if "tracemalloc" not in s.traceback[0].filename)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--simulate", action="store_true", help="a simulated 12 GB card, no GPU")
+    ap.add_argument("--calls", type=int, default=100_000)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+
+    if args.simulate or not torch.cuda.is_available():
+        backend = SimulatedBackend(12 * GB)
+        kept = [backend.allocate(int(gb * GB)) for gb in (6.0, 3.5, 0.4, 0.3, 0.6)]
+        mode = "simulated"
+    else:
+        backend = CudaBackend(0)
+        kept = [torch.empty(64 << 20, dtype=torch.uint8, device="cuda")]
+        mode = "cuda"
+    monitor = VRAMMonitor(backend=backend, soft_limit_gb=11.0, hard_limit_gb=11.5)
+    if mode == "cuda":
+        # Keep the real card far from the limits: this measures the calls, not the pressure path.
+        monitor = VRAMMonitor(backend=backend, soft_limit_gb=1000, hard_limit_gb=1001)
+    n = args.calls
+    vram_before = backend.sample()
+
+    def gen_overhead() -> None:
+        with monitor.generation(None):
+            pass
+
+    results: dict[str, dict] = {
+        "check_limits": time_calls(monitor.check_limits, n, "check_limits"),
+        "check_allocation": time_calls(lambda: monitor.check_allocation(1 << 20), n,
+                                       "check_allocation"),
+        "log_snapshot": time_calls(lambda: monitor.log_snapshot("bench"), n // 20, "log_snapshot"),
+        "generation_overhead": time_calls(gen_overhead, n // 10, "generation() overhead"),
+    }
+    if mode == "cuda":
+        soft, hard = monitor.soft_limit_bytes, monitor.hard_limit_bytes
+
+        def reference() -> bool:
+            used = torch.cuda.memory_allocated()
+            return used > soft or used > hard
+
+        results["card_reference_check"] = time_calls(reference, n, "card reference check")
+        results["ratio_check_limits_to_reference"] = {
+            "ratio": round(results["check_limits"]["median_us"]
+                           / results["card_reference_check"]["median_us"], 3)
+        }
+    vram_after = backend.sample()
+    results["monitor_vram_bytes"] = {
+        "allocated_delta": vram_after.allocated_bytes - vram_before.allocated_bytes,
+        "reserved_delta": vram_after.reserved_bytes - vram_before.reserved_bytes,
+    }
+    results["heap_growth_bytes_100k_checks"] = {
+        "check_limits": heap_growth(monitor.check_limits, 100_000),
+        "check_allocation": heap_growth(lambda: monitor.check_allocation(1 << 20), 100_000),
+    }
+    meta = {
+        "mode": mode,
+        "device": torch.cuda.get_device_name(0) if mode == "cuda" else "simulated 12 GB card",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"\nguard latency ({meta['mode']}, {meta['device']}, torch {meta['torch']})")
+    print(f"{'call':<28}{'median µs':>12}{'p99 µs':>12}")
+    for name, r in results.items():
+        if "median_us" in r:
+            print(f"{name:<28}{r['median_us']:>12.2f}{r['p99_us']:>12.2f}")
+    for name in ("ratio_check_limits_to_reference", "monitor_vram_bytes",
+                 "heap_growth_bytes_100k_checks"):
+        if name in results:
+            print(f"{name}: {results[name]}")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    del kept
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""CudaBackend against the real caching allocator. Run with `pytest --gpu` on a GPU host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app import CudaBackend, VRAMMonitor
+
+pytestmark = pytest.mark.gpu
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cuda():
+    torch.cuda.empty_cache()
+    return CudaBackend(0)
+
+
+def test_sample_agrees_with_torch(cuda):
+    x = torch.empty(256 * MiB, dtype=torch.uint8, device="cuda")
+    s = cuda.sample()
+    assert s.allocated_bytes == torch.cuda.memory_allocated()
+    assert s.reserved_bytes == torch.cuda.memory_reserved()
+    assert s.peak_allocated_bytes == torch.cuda.max_memory_allocated()
+    dm = cuda.device_memory()
+    free, total = torch.cuda.mem_get_info()
+    assert dm.total_bytes == total
+    assert abs(dm.free_bytes - free) < 64 * MiB
+    assert dm.non_torch_bytes > 0  # the CUDA context at least
+    del x
+
+
+def test_empty_cache_lowers_reserved_not_allocated(cuda):
+    keep = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+    tmp = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")
+    del tmp
+    monitor = VRAMMonitor(backend=cuda, soft_limit_gb=1000, hard_limit_gb=1001)
+    before = cuda.sample()
+    freed = monitor.emergency_cleanup()
+    after = cuda.sample()
+    assert freed >= 512 * MiB
+    assert after.allocated_bytes == before.allocated_bytes
+    assert after.reserved_bytes == before.reserved_bytes - freed
+    del keep
+
+
+def test_register_model_matches_the_allocator_delta(cuda):
+    monitor = VRAMMonitor(backend=cuda, soft_limit_gb=1000, hard_limit_gb=1001)
+    with monitor.track_model_load("mlp"):
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4096, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)
+        ).cuda()
+    tracked = monitor.models()[0].vram_bytes
+    assert monitor.register_model("mlp2", model) == tracked
+    assert cuda.owns(next(model.parameters()))
+    assert not cuda.owns(torch.empty(1))
+
+
+def test_generation_peak_on_cuda(cuda):
+    monitor = VRAMMonitor(backend=cuda, soft_limit_gb=1000, hard_limit_gb=1001)
+    with monitor.generation(1) as rec, monitor.stage("spike"):
+        t = torch.empty(300 * MiB, dtype=torch.uint8, device="cuda")
+        del t
+    assert rec.activation_peak_bytes >= 300 * MiB
+    assert rec.delta_bytes == 0

@@ -1,0 +1,32 @@
+"""The module-level guards act on the process-wide monitor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import app
+from app import MemoryPressureError, VortexInitializationError, VRAMMonitor
+from tests.conftest import GB, MB, allocate_exact, load_card_models
+
+
+def test_guards_use_the_installed_monitor(card):
+    monitor = VRAMMonitor(backend=card)
+    app.install_monitor(monitor)
+    assert app.get_monitor() is monitor
+    load_card_models(monitor, card)
+    assert app.get_current_vram_usage() == card.sample().allocated_bytes
+    assert app.get_vram_breakdown()["flux"] == 6.0
+    assert app.check_limits() == card.sample().allocated_bytes
+    with pytest.raises(MemoryPressureError):
+        app.check_allocation(GB)
+    card.free(card.allocate(50 << 20))
+    assert app.clear_cuda_cache() >= 50 << 20
+    assert allocate_exact(card, MB)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_without_cuda_the_default_monitor_says_why(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VortexInitializationError, match="CUDA is not available.*SimulatedBackend"):
+        app.check_limits()
