@@ -1,5 +1,6 @@
 """vortex-vram: the VRAM manager of the Vortex Director node."""
 
+from app.api import ControlPlane, ControlPlaneError, start_control_plane
 from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
 from app.config import Settings, SettingsError, load_settings
 from app.errors import (
@@ -22,6 +23,8 @@ from app.monitor import GenerationRecord, ModelRecord, VRAMMonitor, VRAMSnapshot
 
 __all__ = [
     "CleanupCooldownError",
+    "ControlPlane",
+    "ControlPlaneError",
     "CudaBackend",
     "GenerationRecord",
     "MemoryBackend",
@@ -43,4 +46,5 @@ __all__ = [
     "get_vram_breakdown",
     "install_monitor",
     "load_settings",
+    "start_control_plane",
 ]

@@ -1,0 +1,56 @@
+"""Dependencies of the routes: the monitor, the token check, safe backend reads."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, HTTPException, Request, status
+
+from app.errors import CleanupCooldownError
+from app.monitor import VRAMMonitor
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def get_monitor(request: Request) -> VRAMMonitor:
+    return request.app.state.monitor
+
+
+MonitorDep = Annotated[VRAMMonitor, Depends(get_monitor)]
+
+
+def require_token(request: Request) -> None:
+    """When a token is configured, demand ``Authorization: Bearer <token>``."""
+    expected: bytes | None = request.app.state.token
+    if expected is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest on bytes: constant time in the token's content.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), expected
+    ):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+TokenDep = Depends(require_token)
+
+
+def read_backend(fn: Callable[[], T]) -> T:
+    """Run a monitor read; a failing backend is a 503 with a plain message, never a trace."""
+    try:
+        return fn()
+    except CleanupCooldownError:
+        raise
+    except Exception as exc:
+        logger.warning("VRAM backend read failed: %s: %s", type(exc).__name__, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"VRAM backend unavailable: reading the device failed ({type(exc).__name__})",
+        ) from None

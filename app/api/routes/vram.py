@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, HTTPException, status
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import MonitorDep, TokenDep, read_backend
+from app.api.schemas import Cleanup, ErrorBody, ModelOut, Models
+from app.errors import CleanupCooldownError
+from app.monitor import VRAMSnapshot
+from app.monitor.records import to_gb
+
+router = APIRouter(prefix="/vram", tags=["vram"])
+_UNAVAILABLE = {503: {"model": ErrorBody, "description": "The VRAM backend could not be read"}}
+
+
+@router.get("/snapshot", response_model=VRAMSnapshot, responses=_UNAVAILABLE,
+            summary="A fresh snapshot of the device and the monitor")
+async def snapshot(monitor: MonitorDep) -> dict:
+    return read_backend(lambda: monitor.snapshot("http_snapshot")).to_dict()
+
+
+@router.get("/models", response_model=Models, summary="Resident models and their budgets")
+async def models(monitor: MonitorDep) -> Models:
+    records = monitor.models()
+    return Models(
+        device=monitor.device,
+        total_bytes=sum(r.vram_bytes for r in records),
+        models=[
+            ModelOut(
+                name=r.name, vram_bytes=r.vram_bytes, vram_gb=to_gb(r.vram_bytes),
+                budget_bytes=r.budget_bytes,
+                budget_gb=None if r.budget_bytes is None else to_gb(r.budget_bytes),
+                over_budget=r.over_budget, source=r.source,
+            )
+            for r in records
+        ],
+    )
+
+
+@router.post(
+    "/cleanup", response_model=Cleanup, dependencies=[TokenDep],
+    summary="Run an emergency cleanup (gc + empty_cache) now",
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid bearer token",
+              "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
+        429: {"model": ErrorBody, "description": "Within the cleanup cooldown",
+              "headers": {"Retry-After": {"description": "Seconds until a cleanup may run",
+                                          "schema": {"type": "integer"}}}},
+        **_UNAVAILABLE,
+    },
+)
+async def cleanup(monitor: MonitorDep) -> Cleanup:
+    try:
+        # gc.collect() and empty_cache() take milliseconds: off the event loop.
+        result = await run_in_threadpool(read_backend, lambda: monitor.request_cleanup("http"))
+    except CleanupCooldownError as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS, str(exc),
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        ) from None
+    return Cleanup(**result.to_dict())

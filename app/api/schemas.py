@@ -1,0 +1,45 @@
+"""Response bodies of the control plane. Bytes are ints, GB are floats, names snake_case."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    preflight_passed: bool
+    models_registered: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    vram_bytes: int
+    vram_gb: float
+    budget_bytes: int | None
+    budget_gb: float | None
+    over_budget: bool
+    source: str
+
+
+class Models(BaseModel):
+    device: str
+    total_bytes: int
+    models: list[ModelOut]
+
+
+class Cleanup(BaseModel):
+    reason: str
+    freed_bytes: int
+    reserved_before_bytes: int
+    reserved_after_bytes: int
+    allocated_bytes: int
+    duration_s: float
+    timestamp: str
