@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 
+from app.api.limits import HeaderLimit
 from app.api.routes import health, metrics, vram
 from app.metrics import VRAMCollector
 from app.monitor import VRAMMonitor
@@ -31,6 +32,7 @@ def create_app(monitor: VRAMMonitor, *, token: str | None = None) -> FastAPI:
     registry.register(VRAMCollector(monitor))
     app.state.registry = registry
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
+    app.add_middleware(HeaderLimit)  # added last: runs first, before any parsing or metrics
 
     app.include_router(health.router)
     app.include_router(vram.router)

@@ -107,6 +107,27 @@ class SimulatedBackend:
         self._inactive_split = 0
         self._retries = 0
         self._ooms = 0
+        self._fail_reads = False
+        self._fail_empty_cache = False
+
+    # -- fault injection ----------------------------------------------------------------------
+
+    def set_faults(self, *, reads: bool = False, empty_cache: bool = False) -> None:
+        """Make ``sample``/``device_memory`` or ``empty_cache`` raise, as a broken driver would."""
+        with self._lock:
+            self._fail_reads = reads
+            self._fail_empty_cache = empty_cache
+
+    def shrink(self, total_bytes: int) -> None:
+        """Report a smaller device from now on (another process took memory, a MIG change)."""
+        with self._lock:
+            if total_bytes <= self._context:
+                raise ValueError("total_bytes must stay above context_bytes")
+            self._total = int(total_bytes)
+
+    def _check_read(self) -> None:
+        if self._fail_reads:
+            raise RuntimeError("simulated fault: device read failed")
 
     # -- the MemoryBackend protocol -------------------------------------------------------
 
@@ -116,6 +137,8 @@ class SimulatedBackend:
 
     def sample(self) -> AllocatorSample:
         with self._lock:
+            if self._fail_reads:
+                self._check_read()
             return AllocatorSample(
                 self._allocated,
                 self._reserved,
@@ -127,12 +150,15 @@ class SimulatedBackend:
 
     def device_memory(self) -> DeviceMemory:
         with self._lock:
+            self._check_read()
             return DeviceMemory(
-                self._total - self._context - self._reserved, self._total, self._context
+                max(0, self._total - self._context - self._reserved), self._total, self._context
             )
 
     def empty_cache(self) -> None:
         with self._lock:
+            if self._fail_empty_cache:
+                raise RuntimeError("simulated fault: empty_cache failed")
             self._release_free_segments()
 
     def reset_peak(self) -> None:

@@ -1,0 +1,3 @@
+from app.demo.cli import main
+
+raise SystemExit(main())

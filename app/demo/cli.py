@@ -1,0 +1,104 @@
+"""``python -m app`` / ``vortex-director``: run the demo Director."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import warnings
+
+from app.api import ControlPlaneError
+from app.config import SettingsError, load_settings
+from app.errors import MemoryLeakWarning, MemoryPressureWarning, VortexInitializationError
+
+logger = logging.getLogger("app.demo")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Demo Vortex Director: five resident models, a generation loop guarded "
+        "by the VRAM monitor, and the control plane on HTTP.",
+    )
+    ap.add_argument("--simulate", action="store_true",
+                    help="use a simulated 12 GB RTX 3060 even where a GPU is present")
+    ap.add_argument("--host", help="control plane address (VORTEX_HOST, default 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="control plane port (VORTEX_PORT, default 8000)")
+    ap.add_argument("--token", help="bearer token for POST /vram/cleanup (VORTEX_TOKEN)")
+    ap.add_argument("--generations", type=int, metavar="N", help="stop after N slots")
+    ap.add_argument("--slot-seconds", type=float, default=0.25,
+                    help="seconds per slot (default 0.25: four slots a second)")
+    ap.add_argument("--pressure-every", type=int, default=20, metavar="K",
+                    help="about one slot in K carries a pressure spike (0: never)")
+    ap.add_argument("--leak-mb", type=float, default=0.0,
+                    help="keep this many MB alive after every slot: a deliberate leak")
+    ap.add_argument("--seed", type=int, help="random seed of the workload")
+    ap.add_argument("--log-level", default="INFO",
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    if args.generations is not None and args.generations < 0:
+        ap.error("--generations must be >= 0")
+    if args.slot_seconds < 0:
+        ap.error("--slot-seconds must be >= 0")
+    if args.leak_mb < 0:
+        ap.error("--leak-mb must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    # The monitor logs every excursion and leak itself; the warnings would say it twice.
+    warnings.simplefilter("ignore", MemoryPressureWarning)
+    warnings.simplefilter("ignore", MemoryLeakWarning)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("token", args.token)) if v is not None}
+    try:
+        settings = load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from app.demo.director import Director  # torch import after argument errors
+
+    try:
+        director = Director(settings, simulate=args.simulate, slot_seconds=args.slot_seconds,
+                            pressure_every=args.pressure_every, leak_mb=args.leak_mb,
+                            seed=args.seed)
+    except (VortexInitializationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("%s: finishing the current slot and stopping",
+                    signal.Signals(signum).name)
+        director.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        director.start()
+    except (VortexInitializationError, ControlPlaneError) as exc:
+        director.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    kind = "simulated 12 GB RTX 3060" if director.simulated else director.backend.device
+    url = director.control_plane.url
+    print(f"Vortex Director running on {kind}. Control plane: {url}\n"
+          f"  curl {url}/vram/snapshot\n  curl {url}/vram/models\n  curl {url}/metrics\n"
+          f"  curl -X POST {url}/vram/cleanup" + (" -H 'Authorization: Bearer <token>'"
+                                                   if settings.token else "") +
+          "\nCtrl-C stops it.", flush=True)
+    try:
+        stats = director.run(args.generations)
+    finally:
+        director.close()
+    c = director.monitor.counters()
+    print(f"stopped after {stats.slots} slots: {stats.completed} completed, {stats.aborted} "
+          f"aborted; soft excursions {c.soft_limit_violations}, hard violations "
+          f"{c.hard_limit_violations}, cleanups {c.emergency_cleanups}, leak warnings "
+          f"{c.leak_warnings}", flush=True)
+    return 0

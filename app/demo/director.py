@@ -1,0 +1,122 @@
+"""The demo Director: pre-flight, model loading, a paced generation loop calling the guards,
+and the control plane beside it."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.api import ControlPlane, start_control_plane
+from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
+from app.config import Settings
+from app.demo.workload import MB, MODELS, CudaDevice, Device, SimulatedDevice, plan_slot
+from app.errors import MemoryPressureError
+from app.guards import check_allocation, check_limits, install_monitor
+from app.monitor import VRAMMonitor
+
+logger = logging.getLogger(__name__)
+
+# An RTX 3060 "12GB" has 12 GiB; its CUDA context holds a few hundred MB.
+RTX_3060_BYTES = 12 * 2**30
+RTX_3060_CONTEXT_BYTES = 350 * MB
+
+
+@dataclass
+class DirectorStats:
+    slots: int = 0
+    completed: int = 0
+    aborted: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def make_backend(simulate: bool) -> tuple[MemoryBackend, Device]:
+    if simulate or not torch.cuda.is_available():
+        backend = SimulatedBackend(RTX_3060_BYTES, context_bytes=RTX_3060_CONTEXT_BYTES)
+        return backend, SimulatedDevice(backend)
+    return CudaBackend(0), CudaDevice(0)
+
+
+class Director:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        simulate: bool = False,
+        slot_seconds: float = 0.25,
+        pressure_every: int = 20,
+        leak_mb: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend, self.device = make_backend(simulate)
+        self.simulated = isinstance(self.backend, SimulatedBackend)
+        self.monitor = VRAMMonitor.from_settings(settings, backend=self.backend)
+        self.slot_seconds = slot_seconds
+        self.pressure_every = pressure_every
+        self.leak_bytes = int(leak_mb * MB)
+        self.rng = random.Random(seed)
+        self.stop_event = threading.Event()
+        self.stats = DirectorStats()
+        self.control_plane: ControlPlane | None = None
+
+    def start(self) -> None:
+        """Pre-flight, the control plane, then the models: the control plane comes up
+        first so operators can see a node that is still loading."""
+        install_monitor(self.monitor)
+        self.monitor.log_snapshot("startup")
+        self.monitor.preflight()
+        token = self.settings.token.get_secret_value() if self.settings.token else None
+        self.control_plane = start_control_plane(
+            self.monitor, host=self.settings.host, port=self.settings.port, token=token)
+        for spec in MODELS:
+            with self.monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
+                self.device.load(spec)
+        self.monitor.log_snapshot("post_load")
+
+    def run(self, generations: int | None = None) -> DirectorStats:
+        slot = 0
+        next_at = time.monotonic()
+        while not self.stop_event.is_set() and (generations is None or slot < generations):
+            slot += 1
+            self.run_slot(slot)
+            next_at += self.slot_seconds
+            # Pace without burning a core; a stop request ends the wait at once.
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+            if next_at < time.monotonic() - 1.0:
+                next_at = time.monotonic()  # fell behind: don't sprint to catch up
+        return self.stats
+
+    def run_slot(self, slot: int) -> bool:
+        plan = plan_slot(self.rng, self.pressure_every)
+        self.stats.slots += 1
+        try:
+            with self.monitor.generation(slot):
+                for stage, nbytes in plan.stages:
+                    with self.monitor.stage(stage):
+                        check_allocation(nbytes, f"slot {slot} {stage}")
+                        with self.device.activation(nbytes):
+                            check_limits(f"slot {slot} {stage}")
+                if self.leak_bytes:
+                    self.device.keep(self.leak_bytes)
+        except MemoryPressureError as exc:
+            self.stats.aborted += 1
+            key = "oom" if "out of memory" in str(exc) else "pressure"
+            self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
+            logger.warning("slot %d aborted: %s", slot, exc)
+            return False
+        self.stats.completed += 1
+        return True
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        if self.control_plane is not None:
+            self.control_plane.stop()
+            self.control_plane = None
+        install_monitor(None)

@@ -1,0 +1,105 @@
+"""The demo Director as an operator runs it: `python -m app`."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VORTEX_")}
+    env.update(extra)
+    return env
+
+
+def _wait_for_url(proc: subprocess.Popen, timeout: float = 60.0) -> str:
+    """Read the demo's stdout until it prints its control plane URL."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=deadline - time.monotonic()):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+        m = re.search(r"Control plane: (http://\S+)", line)
+        if m:
+            return m.group(1)
+    proc.kill()
+    raise AssertionError(f"no URL from the demo; it printed:\n{seen}\n{proc.stderr.read()}")
+
+
+@pytest.fixture
+def demo(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--simulate", "--port", "0", "--slot-seconds", "0.02",
+         "--pressure-every", "5", "--seed", "3", "--log-level", "WARNING"],
+        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        yield proc, _wait_for_url(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_demo_serves_every_endpoint_and_stops_on_sigterm(demo):
+    proc, url = demo
+    with httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").json()["ready"] is True
+        snap = c.get("/vram/snapshot").json()
+        assert snap["models"]["flux"] == pytest.approx(6.0, abs=0.01)
+        assert [m["name"] for m in c.get("/vram/models").json()["models"]] == [
+            "flux", "liveportrait", "kokoro", "clip_b", "clip_l"]
+        # the generation loop is running
+        deadline = time.monotonic() + 30
+        while c.get("/vram/snapshot").json()["generation_count"] < 20:
+            assert time.monotonic() < deadline, "the demo generated nothing"
+        assert c.post("/vram/cleanup").status_code in (200, 429)
+        metrics = c.get("/metrics").text
+        assert "icn_vortex_vram_usage_bytes" in metrics
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 5
+    assert "stopped after" in out
+    assert "Traceback" not in err
+
+
+def test_demo_stops_after_n_generations(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "--simulate", "--port", "0", "--generations", "10",
+         "--slot-seconds", "0", "--log-level", "WARNING"],
+        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stopped after 10 slots" in done.stdout
+
+
+def test_bad_setting_fails_start_up_naming_it(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "--simulate", "--generations", "1"],
+        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT), VORTEX_HARD_LIMIT_GB="10"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "VORTEX_SOFT_LIMIT_GB" in done.stderr and "VORTEX_HARD_LIMIT_GB" in done.stderr
+    assert "Traceback" not in done.stderr
