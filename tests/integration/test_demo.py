@@ -2,61 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import re
-import selectors
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VORTEX_")}
-    env.update(extra)
-    return env
-
-
-def _wait_for_url(proc: subprocess.Popen, timeout: float = 60.0) -> str:
-    """Read the demo's stdout until it prints its control plane URL."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=deadline - time.monotonic()):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-        m = re.search(r"Control plane: (http://\S+)", line)
-        if m:
-            return m.group(1)
-    proc.kill()
-    raise AssertionError(f"no URL from the demo; it printed:\n{seen}\n{proc.stderr.read()}")
-
+from tests.integration.helpers import demo_env, running_demo
 
 @pytest.fixture
 def demo(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--simulate", "--port", "0", "--slot-seconds", "0.02",
-         "--pressure-every", "5", "--seed", "3", "--log-level", "WARNING"],
-        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        yield proc, _wait_for_url(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with running_demo(tmp_path, "--slot-seconds", "0.02", "--pressure-every", "5", "--seed", "3",
+                      "--log-level", "WARNING") as (proc, url):
+        yield proc, url
 
 
 def test_demo_serves_every_endpoint_and_stops_on_sigterm(demo):
@@ -88,7 +48,7 @@ def test_demo_stops_after_n_generations(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "app", "--simulate", "--port", "0", "--generations", "10",
          "--slot-seconds", "0", "--log-level", "WARNING"],
-        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=demo_env(), capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "stopped after 10 slots" in done.stdout
@@ -97,7 +57,7 @@ def test_demo_stops_after_n_generations(tmp_path):
 def test_bad_setting_fails_start_up_naming_it(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "app", "--simulate", "--generations", "1"],
-        cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT), VORTEX_HARD_LIMIT_GB="10"),
+        cwd=tmp_path, env=demo_env(VORTEX_HARD_LIMIT_GB="10"),
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2

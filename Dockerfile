@@ -1,0 +1,22 @@
+# The demo Director with its control plane. A CUDA runtime image that already carries torch,
+# so installing the project adds only the small pure-Python packages.
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    VORTEX_HOST=0.0.0.0 VORTEX_PORT=8000
+
+WORKDIR /opt/vortex
+COPY pyproject.toml README.md settings.env ./
+COPY app ./app
+RUN pip install --no-deps . \
+ && pip install "pydantic>=2.5" "pydantic-settings>=2.1" "pyyaml>=6" "fastapi>=0.110" \
+      "uvicorn>=0.27" "prometheus-client>=0.19" "prometheus-fastapi-instrumentator>=7.0" numpy \
+ && useradd --system --uid 10001 --home-dir /opt/vortex vortex
+
+USER vortex
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('VORTEX_PORT', '8000')}/healthz\", timeout=2)"]
+
+# Off loopback the control plane needs VORTEX_TOKEN (for POST /vram/cleanup); see compose.yaml.
+ENTRYPOINT ["python", "-m", "app"]
