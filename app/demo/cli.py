@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 import warnings
 
 from app.api import ControlPlaneError
@@ -21,8 +24,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Demo Vortex Director: five resident models, a generation loop guarded "
         "by the VRAM monitor, and the control plane on HTTP.",
     )
-    ap.add_argument("--simulate", action="store_true",
-                    help="use a simulated 12 GB RTX 3060 even where a GPU is present")
+    ap.add_argument("--backend", choices=["auto", "cuda", "simulated"], default="auto",
+                    help="auto (default): the GPU if there is one, else a simulated 12 GB "
+                    "RTX 3060; cuda: insist on a GPU")
+    ap.add_argument("--simulate", action="store_const", const="simulated", dest="backend",
+                    help="same as --backend simulated")
     ap.add_argument("--host", help="control plane address (VORTEX_HOST, default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="control plane port (VORTEX_PORT, default 8000)")
     ap.add_argument("--token", help="bearer token for POST /vram/cleanup (VORTEX_TOKEN)")
@@ -33,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="about one slot in K carries a pressure spike (0: never)")
     ap.add_argument("--leak-mb", type=float, default=0.0,
                     help="keep this many MB alive after every slot: a deliberate leak")
+    ap.add_argument("--work-ms", type=float, default=0.0,
+                    help="compute time each stage takes (simulated with a sleep; default 0)")
+    ap.add_argument("--shutdown-timeout", type=float, default=10.0,
+                    help="seconds a stop request waits for the running slot (default 10)")
     ap.add_argument("--seed", type=int, help="random seed of the workload")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -43,7 +53,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--slot-seconds must be >= 0")
     if args.leak_mb < 0:
         ap.error("--leak-mb must be >= 0")
+    if args.work_ms < 0 or args.shutdown_timeout <= 0:
+        ap.error("--work-ms must be >= 0 and --shutdown-timeout > 0")
     return args
+
+
+def _watchdog(timeout: float) -> None:
+    time.sleep(timeout)
+    logger.error("the running slot did not finish within %.0fs of the stop request; exiting",
+                 timeout)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,17 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     from app.demo.director import Director  # torch import after argument errors
 
     try:
-        director = Director(settings, simulate=args.simulate, slot_seconds=args.slot_seconds,
-                            pressure_every=args.pressure_every, leak_mb=args.leak_mb,
-                            seed=args.seed)
+        director = Director(settings, backend=args.backend, slot_seconds=args.slot_seconds,
+                            work_ms=args.work_ms, pressure_every=args.pressure_every,
+                            leak_mb=args.leak_mb, seed=args.seed)
     except (VortexInitializationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     def on_signal(signum: int, _frame: object) -> None:
+        if director.stop_event.is_set():
+            return
         logger.info("%s: finishing the current slot and stopping",
                     signal.Signals(signum).name)
         director.stop()
+        # A slot that hangs must not keep the process alive: the wait is bounded.
+        threading.Thread(target=_watchdog, args=(args.shutdown_timeout,), daemon=True,
+                         name="shutdown-watchdog").start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

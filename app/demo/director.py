@@ -34,11 +34,16 @@ class DirectorStats:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def make_backend(simulate: bool) -> tuple[MemoryBackend, Device]:
-    if simulate or not torch.cuda.is_available():
+def make_backend(kind: str = "auto") -> tuple[MemoryBackend, Device]:
+    """``auto``: the first GPU if torch sees one, else the simulated card; ``cuda`` insists
+    on a GPU (``VortexInitializationError`` with the reason otherwise); ``simulated``."""
+    if kind == "simulated" or (kind == "auto" and not torch.cuda.is_available()):
         backend = SimulatedBackend(RTX_3060_BYTES, context_bytes=RTX_3060_CONTEXT_BYTES)
         return backend, SimulatedDevice(backend)
-    return CudaBackend(0), CudaDevice(0)
+    if kind not in ("auto", "cuda"):
+        raise ValueError(f"unknown backend {kind!r}: auto, cuda or simulated")
+    backend = CudaBackend(0)
+    return backend, CudaDevice(0)
 
 
 class Director:
@@ -46,17 +51,19 @@ class Director:
         self,
         settings: Settings,
         *,
-        simulate: bool = False,
+        backend: str = "auto",
         slot_seconds: float = 0.25,
+        work_ms: float = 0.0,
         pressure_every: int = 20,
         leak_mb: float = 0.0,
         seed: int | None = None,
     ) -> None:
         self.settings = settings
-        self.backend, self.device = make_backend(simulate)
+        self.backend, self.device = make_backend(backend)
         self.simulated = isinstance(self.backend, SimulatedBackend)
         self.monitor = VRAMMonitor.from_settings(settings, backend=self.backend)
         self.slot_seconds = slot_seconds
+        self.work_s = work_ms / 1000
         self.pressure_every = pressure_every
         self.leak_bytes = int(leak_mb * MB)
         self.rng = random.Random(seed)
@@ -101,6 +108,8 @@ class Director:
                         check_allocation(nbytes, f"slot {slot} {stage}")
                         with self.device.activation(nbytes):
                             check_limits(f"slot {slot} {stage}")
+                            if self.work_s:
+                                time.sleep(self.work_s)  # the stage's compute; a stop waits for it
                 if self.leak_bytes:
                     self.device.keep(self.leak_bytes)
         except MemoryPressureError as exc:

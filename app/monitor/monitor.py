@@ -56,6 +56,7 @@ snapshot_logger = logging.getLogger("app.monitor.snapshots")
 LIMIT_BASES = ("allocated", "reserved")
 _BASIS_INDEX = {"allocated": 0, "reserved": 1}  # fields of AllocatorSample
 HISTORY = 100  # generation records kept for the control plane
+ERROR_LOG_INTERVAL_S = 10.0  # a failing backend logs at most this often (every failure counts)
 
 
 def _ctx(context: str) -> str:
@@ -132,6 +133,7 @@ class VRAMMonitor:
         self._ooms_caught = 0
         self._leak_warnings = 0
         self._monitor_errors = 0
+        self._last_error_log: float | None = None  # monotonic
         self._models: dict[str, ModelRecord] = {}
         self._leak = LeakWindow(leak_window, self.leak_threshold_bytes)
         self._history: deque[GenerationRecord] = deque(maxlen=HISTORY)
@@ -211,7 +213,7 @@ class VRAMMonitor:
 
     # ------------------------------------------------------------------ guards (hot path)
 
-    def check_limits(self, context: str = "") -> int:
+    def check_limits(self, context: str = "") -> int | None:
         """Compare usage with the limits; returns the usage in bytes.
 
         Above the soft limit: one WARNING log, one count and one ``MemoryPressureWarning``
@@ -219,8 +221,16 @@ class VRAMMonitor:
         and an emergency cleanup when enabled and not cooling down. Above the hard limit:
         an ERROR log, a cleanup and ``MemoryPressureError`` on every call; on the reserved
         basis a cleanup that brings usage back under the hard limit clears the error.
+
+        Fails open: if the backend cannot be read, the check counts a monitor error, logs
+        (rate-limited) and returns ``None``; the slot goes on, and an OOM it then meets is
+        still caught by ``generation()``.
         """
-        usage = self._backend.sample()[self._basis]
+        try:
+            usage = self._backend.sample()[self._basis]
+        except Exception as exc:
+            self._backend_failed("check_limits", exc)
+            return None
         with self._lock:
             soft_edge = False
             if usage > self.soft_limit_bytes:
@@ -237,15 +247,20 @@ class VRAMMonitor:
             self._on_pressure(usage, soft_edge, hard, context)
         return usage
 
-    def check_allocation(self, requested_bytes: int, context: str = "") -> int:
+    def check_allocation(self, requested_bytes: int, context: str = "") -> int | None:
         """Refuse, before it happens, an allocation that would take usage past the hard limit.
 
         Returns the projected usage in bytes. On the reserved basis the projection assumes
-        the cache can be reused: ``max(reserved, allocated + requested)``.
+        the cache can be reused: ``max(reserved, allocated + requested)``. Fails open like
+        ``check_limits`` (returns ``None``) when the backend cannot be read.
         """
         if requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
-        s = self._backend.sample()
+        try:
+            s = self._backend.sample()
+        except Exception as exc:
+            self._backend_failed("check_allocation", exc)
+            return None
         usage = s[self._basis]
         projected = s.allocated_bytes + requested_bytes
         if self._basis == 1:
@@ -422,18 +437,18 @@ class VRAMMonitor:
         time per monitor. A ``torch.OutOfMemoryError`` escaping the slot becomes a
         ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
         """
-        before = self._backend.sample()
+        before = self._safe_sample("generation")
         with self._lock:
             if self._active is not None:
                 raise RuntimeError(
                     f"generation({slot}) started while slot {self._active.slot} is running; "
                     "one generation at a time per monitor"
                 )
-            record = GenerationRecord(slot, before.allocated_bytes)
+            record = GenerationRecord(slot, before.allocated_bytes if before else 0)
             self._active = record
-            self._peak_carry = before.allocated_bytes
+            self._peak_carry = record.allocated_before_bytes
             self._open_stages = []
-        self._backend.reset_peak()
+        self._safe_reset_peak()
         self._log_periodic_snapshot("pre_generation", slot)
         t0 = time.perf_counter()
         try:
@@ -471,7 +486,8 @@ class VRAMMonitor:
             self._close_stage(name)
 
     def _fold_peak(self, open_stage: str | None = None) -> None:
-        peak = self._backend.sample().peak_allocated_bytes
+        s = self._safe_sample("stage")
+        peak = s.peak_allocated_bytes if s else 0
         with self._lock:
             if self._active is None:
                 raise RuntimeError("stage() is only valid inside generation()")
@@ -481,10 +497,11 @@ class VRAMMonitor:
             if open_stage is not None:
                 self._open_stages.append([open_stage, 0])
         if open_stage is not None:
-            self._backend.reset_peak()
+            self._safe_reset_peak()
 
     def _close_stage(self, name: str) -> None:
-        peak = self._backend.sample().peak_allocated_bytes
+        s = self._safe_sample("stage")
+        peak = s.peak_allocated_bytes if s else 0
         with self._lock:
             self._peak_carry = max(self._peak_carry, peak)
             for st in self._open_stages:
@@ -495,29 +512,32 @@ class VRAMMonitor:
                 peaks[name] = max(peaks.get(name, 0), st[1])
 
     def _finish_generation(
-        self, record: GenerationRecord, before: AllocatorSample, t0: float, status: str
+        self, record: GenerationRecord, before: AllocatorSample | None, t0: float, status: str
     ) -> None:
-        after = self._backend.sample()
+        after = self._safe_sample("generation")
+        finding = None
         with self._lock:
-            record.allocated_after_bytes = after.allocated_bytes
-            record.delta_bytes = after.allocated_bytes - before.allocated_bytes
-            record.peak_bytes = max(self._peak_carry, after.peak_allocated_bytes)
             record.duration_s = time.perf_counter() - t0
             record.status = status
+            record.measured = before is not None and after is not None
             self._active = None
             self._open_stages = []
             self._generations += 1
             if status != "ok":
                 self._generations_failed += 1
-            self._peak_hist.observe(record.peak_bytes)
-            self._delta_hist.observe(record.delta_bytes)
+            if before is not None and after is not None:
+                record.allocated_after_bytes = after.allocated_bytes
+                record.delta_bytes = after.allocated_bytes - before.allocated_bytes
+                record.peak_bytes = max(self._peak_carry, after.peak_allocated_bytes)
+                self._peak_hist.observe(record.peak_bytes)
+                self._delta_hist.observe(record.delta_bytes)
+                finding = self._leak.observe(
+                    before.allocated_bytes, after.allocated_bytes, self._generations,
+                    self.hard_limit_bytes,
+                )
+                if finding is not None:
+                    self._leak_warnings += 1
             self._history.append(replace(record, stage_peaks_bytes=dict(record.stage_peaks_bytes)))
-            finding = self._leak.observe(
-                before.allocated_bytes, after.allocated_bytes, self._generations,
-                self.hard_limit_bytes,
-            )
-            if finding is not None:
-                self._leak_warnings += 1
         self._log_periodic_snapshot("post_generation", record.slot)
         if finding is not None:
             self._report_leak(finding, warn=status == "ok")
@@ -597,7 +617,9 @@ class VRAMMonitor:
             return self._cleanup(reason, respect_cooldown=True)
         except CleanupCooldownError as exc:
             logger.debug("automatic cleanup skipped: %s", exc)
-            return None
+        except Exception as exc:  # the guard reports the pressure; a failed cleanup must not mask it
+            self._backend_failed("emergency cleanup", exc)
+        return None
 
     def _cleanup(self, reason: str, *, respect_cooldown: bool) -> CleanupResult:
         now = time.monotonic()
@@ -684,11 +706,43 @@ class VRAMMonitor:
                 self._last_info_snapshot = now
             else:
                 due = False
-        if due:
-            self.log_snapshot(event, slot)
-        elif snapshot_logger.isEnabledFor(logging.DEBUG):
-            snap = self.snapshot(event, slot)
-            snapshot_logger.debug(snap.to_json(), extra={"vram_snapshot": snap.to_dict()})
+        try:
+            if due:
+                self.log_snapshot(event, slot)
+            elif snapshot_logger.isEnabledFor(logging.DEBUG):
+                snap = self.snapshot(event, slot)
+                snapshot_logger.debug(snap.to_json(), extra={"vram_snapshot": snap.to_dict()})
+        except Exception as exc:
+            self._backend_failed("snapshot", exc)
+
+    # ------------------------------------------------------------------ backend failures
+
+    def _safe_sample(self, where: str) -> AllocatorSample | None:
+        try:
+            return self._backend.sample()
+        except Exception as exc:
+            self._backend_failed(where, exc)
+            return None
+
+    def _safe_reset_peak(self) -> None:
+        try:
+            self._backend.reset_peak()
+        except Exception as exc:
+            self._backend_failed("reset_peak", exc)
+
+    def _backend_failed(self, where: str, exc: Exception) -> None:
+        """Count every failure; log one per ERROR_LOG_INTERVAL_S so a dead backend cannot
+        flood the log from a loop calling guards a thousand times a second."""
+        now = time.monotonic()
+        with self._lock:
+            self._monitor_errors += 1
+            errors = self._monitor_errors
+            log = self._last_error_log is None or now - self._last_error_log >= ERROR_LOG_INTERVAL_S
+            if log:
+                self._last_error_log = now
+        if log:
+            logger.error("VRAM backend read failed in %s (%s: %s); guards fail open "
+                         "(%d monitor errors so far)", where, type(exc).__name__, exc, errors)
 
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:

@@ -104,6 +104,7 @@ class GenerationRecord:
     duration_s: float = 0.0
     status: str = "running"  # then "ok", "failed" or "oom"
     failed_stage: str | None = None
+    measured: bool = True  # False when the backend could not be read at start or end
 
     @property
     def activation_peak_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -62,4 +63,48 @@ def test_bad_setting_fails_start_up_naming_it(tmp_path):
     )
     assert done.returncode == 2
     assert "VORTEX_SOFT_LIMIT_GB" in done.stderr and "VORTEX_HARD_LIMIT_GB" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _wait_for_generations(url: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while c.get("/vram/snapshot").json()["generation_count"] < n:
+            assert time.monotonic() < deadline, f"fewer than {n} generations in {timeout}s"
+
+
+def test_sigterm_during_a_slot_lets_it_finish(tmp_path):
+    # 5 stages x 200 ms: a slot takes a second; the signal lands inside one.
+    with running_demo(tmp_path, "--slot-seconds", "0", "--work-ms", "200",
+                      "--pressure-every", "0", "--log-level", "WARNING") as (proc, url):
+        _wait_for_generations(url, 1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 1.0 + 5.0  # the rest of one slot, then a prompt stop
+    m = re.search(r"stopped after (\d+) slots: (\d+) completed, 0 aborted", out)
+    assert m and m.group(1) == m.group(2), out  # the slot in flight completed
+    assert "Traceback" not in err
+
+
+def test_a_hung_slot_cannot_hold_shutdown_hostage(tmp_path):
+    with running_demo(tmp_path, "--slot-seconds", "0", "--work-ms", "60000",
+                      "--shutdown-timeout", "1", "--log-level", "WARNING") as (proc, _url):
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 1
+    assert time.monotonic() - t0 < 6
+    assert "did not finish within 1s" in err
+
+
+def test_cuda_absent_is_a_clear_message(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "--backend", "cuda", "--generations", "1"],
+        cwd=tmp_path, env=demo_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "error: CUDA is not available" in done.stderr
     assert "Traceback" not in done.stderr

@@ -71,7 +71,8 @@ def stack(tmp_path):
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            yield httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10), url
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                yield client, url
         finally:
             prom.terminate()
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 
@@ -11,7 +12,7 @@ from tests.conftest import GB, MB, load_card_models
 
 
 def test_concurrent_guards_snapshots_cleanups_and_generations(card):
-    monitor = VRAMMonitor(backend=card, soft_limit_gb=10.9, cleanup_cooldown_s=1.0,
+    monitor = VRAMMonitor(backend=card, soft_limit_gb=10.95, cleanup_cooldown_s=1.0,
                           leak_window=50)
     load_card_models(monitor, card)  # 10.8 GB: the generation spikes cross soft, some hard
     start = threading.Barrier(6)
@@ -61,19 +62,23 @@ def test_concurrent_guards_snapshots_cleanups_and_generations(card):
 
     jobs = [(generate, 400), (check, 2000), (check, 2000), (allocation, 1000),
             (snapshot, 300), (cleanup, 20)]
-    with pytest.warns(MemoryPressureWarning):  # from whichever thread saw an excursion first
+    with warnings.catch_warnings():
+        # Which thread sees an excursion first is up to the scheduler; the counts are checked.
+        warnings.simplefilter("ignore", MemoryPressureWarning)
         threads = [threading.Thread(target=run, args=job) for job in jobs]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        monitor.check_limits()  # ensure at least one warning is seen in this thread too
-        allocate = card.allocate(int(0.3 * GB))
-        try:
-            monitor.check_limits()
-        finally:
-            card.free(allocate)
     assert errors == []
+    # After the storm the edge logic is intact: back under, re-armed, one new excursion.
+    before = monitor.soft_limit_violations
+    monitor.check_limits()
+    extra = card.allocate(int(0.3 * GB))
+    with pytest.warns(MemoryPressureWarning):
+        monitor.check_limits()
+    card.free(extra)
+    assert monitor.soft_limit_violations == before + 1
     c = monitor.counters()
     assert c.generations == 400 and c.generations_failed == 0
     assert c.emergency_cleanups >= counts["cleanups"] == 20
