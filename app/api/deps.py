@@ -16,14 +16,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def get_monitor(request: Request) -> VRAMMonitor:
+async def get_monitor(request: Request) -> VRAMMonitor:
+    # async: FastAPI runs a plain-def dependency in its threadpool, a costly hop per request
     return request.app.state.monitor
 
 
 MonitorDep = Annotated[VRAMMonitor, Depends(get_monitor)]
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """When a token is configured, demand ``Authorization: Bearer <token>``."""
     expected: bytes | None = request.app.state.token
     if expected is None:

@@ -17,7 +17,9 @@ from app.monitor import VRAMMonitor
 logger = logging.getLogger(__name__)
 
 
-def create_app(monitor: VRAMMonitor, *, token: str | None = None) -> FastAPI:
+def create_app(
+    monitor: VRAMMonitor, *, token: str | None = None, metrics_ttl_s: float = 1.0
+) -> FastAPI:
     app = FastAPI(
         title="vortex-vram control plane",
         version="0.1.0",
@@ -31,6 +33,7 @@ def create_app(monitor: VRAMMonitor, *, token: str | None = None) -> FastAPI:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(VRAMCollector(monitor))
     app.state.registry = registry
+    app.state.scrape_cache = metrics.ScrapeCache(registry, metrics_ttl_s)
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
     app.add_middleware(HeaderLimit)  # added last: runs first, before any parsing or metrics
 

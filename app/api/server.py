@@ -87,12 +87,13 @@ def start_control_plane(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
+    metrics_ttl_s: float = 1.0,
     startup_timeout: float = 10.0,
 ) -> ControlPlane:
     """Serve the control plane for ``monitor`` on ``host:port`` (0 picks a free port) and
     return once it accepts connections. Raises ``ControlPlaneError`` within seconds when
     it cannot: the port is taken, the address is bad, or the host is not loopback and no
-    token is set."""
+    token is set. ``/metrics`` is rebuilt at most once per ``metrics_ttl_s``."""
     if not token and not is_loopback(host):
         raise ControlPlaneError(
             f"refusing to serve on non-loopback address {host!r} without a token "
@@ -100,12 +101,12 @@ def start_control_plane(
         )
     sock = _bind(host, port)
     config = uvicorn.Config(
-        create_app(monitor, token=token),
+        create_app(monitor, token=token, metrics_ttl_s=metrics_ttl_s),
         log_config=None,  # the host's logging stays as it is
         access_log=False,
         lifespan="off",
         loop="asyncio",
-        http="h11",
+        http="auto",  # httptools (C) when installed, else h11
         server_header=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=2,

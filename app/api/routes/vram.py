@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import MonitorDep, TokenDep, read_backend
@@ -17,8 +17,10 @@ _UNAVAILABLE = {503: {"model": ErrorBody, "description": "The VRAM backend could
 
 @router.get("/snapshot", response_model=VRAMSnapshot, responses=_UNAVAILABLE,
             summary="A fresh snapshot of the device and the monitor")
-async def snapshot(monitor: MonitorDep) -> dict:
-    return read_backend(lambda: monitor.snapshot("http_snapshot")).to_dict()
+async def snapshot(monitor: MonitorDep) -> Response:
+    # The snapshot is already a checked, immutable value: serialise it once, directly.
+    snap = read_backend(lambda: monitor.snapshot("http_snapshot"))
+    return Response(snap.to_json(), media_type="application/json")
 
 
 @router.get("/models", response_model=Models, summary="Resident models and their budgets")
