@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     soft_limit_hysteresis_mb: float = Field(100.0, ge=0)
     required_gb: float = Field(11.8, gt=0)
     snapshot_interval_s: float = Field(60.0, ge=0)
+    memory_history: bool = Field(False, description="Record allocator history for OOM dumps.")
+    memory_history_dir: Path = Path("vram-postmortem")
+    memory_history_max_dumps: int = Field(5, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: SecretStr | None = None

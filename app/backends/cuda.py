@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.backends.base import AllocatorSample, DeviceMemory
 from app.errors import VortexInitializationError
+
+logger = logging.getLogger(__name__)
 
 
 class CudaBackend:
@@ -21,9 +26,23 @@ class CudaBackend:
     ``memory_fraction`` caps what this process may reserve, as
     ``torch.cuda.set_per_process_memory_fraction`` does: ``12e9 / total`` makes any large
     GPU behave like a 12 GB card.
+
+    ``memory_history`` records the allocator's history (``_record_memory_history``, bounded
+    to ``history_entries`` events; it roughly doubles the cost of small allocations, hence
+    off by default) so that an OOM can leave a snapshot for https://pytorch.org/memory_viz;
+    at most ``max_dumps`` are kept in ``history_dir``, oldest removed first.
     """
 
-    def __init__(self, device: int = 0, *, memory_fraction: float | None = None) -> None:
+    def __init__(
+        self,
+        device: int = 0,
+        *,
+        memory_fraction: float | None = None,
+        memory_history: bool = False,
+        history_dir: str | Path = "vram-postmortem",
+        max_dumps: int = 5,
+        history_entries: int = 100_000,
+    ) -> None:
         if not torch.cuda.is_available():
             built = torch.version.cuda or "none (a CPU build)"
             raise VortexInitializationError(
@@ -42,6 +61,10 @@ class CudaBackend:
         # The stats are empty until the context exists; create it now, not on the hot path.
         torch.cuda.init()
         torch.cuda.mem_get_info(device)
+        self._history_dir = Path(history_dir) if memory_history else None
+        self._max_dumps = max(1, max_dumps)
+        if memory_history:
+            torch.cuda.memory._record_memory_history(max_entries=history_entries)
         raw = getattr(torch._C, "_cuda_memoryStats", None)
         self._read_stats: Callable[[], dict[str, Any]] = (
             (lambda: raw(device)) if raw is not None
@@ -90,6 +113,19 @@ class CudaBackend:
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self._index)
+
+    def dump_post_mortem(self, tag: str) -> Path | None:
+        """Write the recorded allocator history for memory_viz; None when not recording."""
+        if self._history_dir is None:
+            return None
+        self._history_dir.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)[:40]
+        path = self._history_dir / f"oom-{time.strftime('%Y%m%dT%H%M%S')}-{safe}.pickle"
+        torch.cuda.memory._dump_snapshot(str(path))
+        dumps = sorted(self._history_dir.glob("oom-*.pickle"), key=lambda p: p.stat().st_mtime)
+        for old in dumps[: max(0, len(dumps) - self._max_dumps)]:
+            old.unlink(missing_ok=True)
+        return path
 
     def owns(self, tensor: torch.Tensor) -> bool:
         d = tensor.device

@@ -34,7 +34,9 @@ class DirectorStats:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def make_backend(kind: str = "auto") -> tuple[MemoryBackend, Device]:
+def make_backend(
+    kind: str = "auto", settings: Settings | None = None
+) -> tuple[MemoryBackend, Device]:
     """``auto``: the first GPU if torch sees one, else the simulated card; ``cuda`` insists
     on a GPU (``VortexInitializationError`` with the reason otherwise); ``simulated``."""
     if kind == "simulated" or (kind == "auto" and not torch.cuda.is_available()):
@@ -42,8 +44,12 @@ def make_backend(kind: str = "auto") -> tuple[MemoryBackend, Device]:
         return backend, SimulatedDevice(backend)
     if kind not in ("auto", "cuda"):
         raise ValueError(f"unknown backend {kind!r}: auto, cuda or simulated")
-    backend = CudaBackend(0)
-    return backend, CudaDevice(0)
+    history = {} if settings is None else {
+        "memory_history": settings.memory_history,
+        "history_dir": settings.memory_history_dir,
+        "max_dumps": settings.memory_history_max_dumps,
+    }
+    return CudaBackend(0, **history), CudaDevice(0)
 
 
 class Director:
@@ -59,7 +65,7 @@ class Director:
         seed: int | None = None,
     ) -> None:
         self.settings = settings
-        self.backend, self.device = make_backend(backend)
+        self.backend, self.device = make_backend(backend, settings)
         self.simulated = isinstance(self.backend, SimulatedBackend)
         self.monitor = VRAMMonitor.from_settings(settings, backend=self.backend)
         self.slot_seconds = slot_seconds

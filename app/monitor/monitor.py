@@ -468,7 +468,11 @@ class VRAMMonitor:
         with self._lock:
             self._ooms_caught += 1
         logger.error("CUDA out of memory in %s escaped the guards; cleaning up", where)
-        self._cleanup("oom", respect_cooldown=False)
+        self._post_mortem(f"slot{slot}")  # before the cleanup: the history as the OOM saw it
+        try:
+            self._cleanup("oom", respect_cooldown=False)
+        except Exception as exc:
+            self._backend_failed("emergency cleanup", exc)
         raise MemoryPressureError(f"CUDA out of memory in {where}: {str(oom).splitlines()[0]}") from oom
 
     @contextmanager
@@ -723,6 +727,20 @@ class VRAMMonitor:
         except Exception as exc:
             self._backend_failed(where, exc)
             return None
+
+    def _post_mortem(self, tag: str) -> None:
+        dump = getattr(self._backend, "dump_post_mortem", None)  # optional: CUDA only
+        if dump is None:
+            return
+        try:
+            path = dump(tag)
+        except Exception as exc:
+            logger.warning("could not write the OOM memory snapshot: %s: %s",
+                           type(exc).__name__, exc)
+            return
+        if path is not None:
+            logger.error("allocator history for the OOM written to %s "
+                         "(open it in https://pytorch.org/memory_viz)", path)
 
     def _safe_reset_peak(self) -> None:
         try:

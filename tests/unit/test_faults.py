@@ -91,3 +91,35 @@ def test_fault_injection_is_the_simulated_backend_own():
     assert isinstance(card.allocate(1), int)
     with pytest.raises(ValueError):
         card.shrink(0)
+
+
+class _RecordingCard(SimulatedBackend):
+    """A simulated card that offers the optional post-mortem hook, as CudaBackend does."""
+
+    def __init__(self, *a, fail: bool = False, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.dumps: list[tuple[str, int]] = []
+        self.fail = fail
+        self.monitor: VRAMMonitor | None = None
+
+    def dump_post_mortem(self, tag: str):
+        if self.fail:
+            raise OSError("disk full")
+        self.dumps.append((tag, self.monitor.emergency_cleanups))
+        return f"/tmp/{tag}.pickle"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_oom_leaves_a_post_mortem_before_the_cleanup(fail, caplog):
+    card = _RecordingCard(12 * GB, fail=fail)
+    monitor = VRAMMonitor(backend=card)
+    card.monitor = monitor
+    with pytest.raises(MemoryPressureError, match="slot 7"), monitor.generation(7):
+        card.allocate(13 * GB)
+    assert monitor.emergency_cleanups == 1 and monitor.counters().ooms_caught == 1
+    if fail:
+        assert card.dumps == []
+        assert "could not write the OOM memory snapshot" in caplog.text
+    else:
+        assert card.dumps == [("slot7", 0)]  # taken before the cleanup ran
+        assert "memory_viz" in caplog.text
