@@ -33,13 +33,3 @@ class Models(BaseModel):
     device: str
     total_bytes: int
     models: list[ModelOut]
-
-
-class Cleanup(BaseModel):
-    reason: str
-    freed_bytes: int
-    reserved_before_bytes: int
-    reserved_after_bytes: int
-    allocated_bytes: int
-    duration_s: float
-    timestamp: str

@@ -6,9 +6,9 @@ from fastapi import APIRouter, HTTPException, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import MonitorDep, TokenDep, read_backend
-from app.api.schemas import Cleanup, ErrorBody, ModelOut, Models
+from app.api.schemas import ErrorBody, ModelOut, Models
 from app.errors import CleanupCooldownError
-from app.monitor import VRAMSnapshot
+from app.monitor import CleanupResult, VRAMSnapshot
 from app.monitor.records import to_gb
 
 router = APIRouter(prefix="/vram", tags=["vram"])
@@ -42,7 +42,7 @@ async def models(monitor: MonitorDep) -> Models:
 
 
 @router.post(
-    "/cleanup", response_model=Cleanup, dependencies=[TokenDep],
+    "/cleanup", response_model=CleanupResult, dependencies=[TokenDep],
     summary="Run an emergency cleanup (gc + empty_cache) now",
     responses={
         401: {"model": ErrorBody, "description": "Missing or invalid bearer token",
@@ -53,7 +53,7 @@ async def models(monitor: MonitorDep) -> Models:
         **_UNAVAILABLE,
     },
 )
-async def cleanup(monitor: MonitorDep) -> Cleanup:
+async def cleanup(monitor: MonitorDep) -> dict:
     try:
         # gc.collect() and empty_cache() take milliseconds: off the event loop.
         result = await run_in_threadpool(read_backend, lambda: monitor.request_cleanup("http"))
@@ -62,4 +62,4 @@ async def cleanup(monitor: MonitorDep) -> Cleanup:
             status.HTTP_429_TOO_MANY_REQUESTS, str(exc),
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
         ) from None
-    return Cleanup(**result.to_dict())
+    return result.to_dict()
