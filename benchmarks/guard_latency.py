@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from app import CudaBackend, SimulatedBackend, VRAMMonitor  # noqa: E402
+from app import CudaBackend, SimulatedBackend, VRAMMonitor
 
 GB = 1_000_000_000
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.load import ENDPOINTS, client_process, percentile  # noqa: E402
+from benchmarks.load import ENDPOINTS, client_process, percentile
+
 
 def run_slots(director, n: int, first_slot: int) -> list[float]:
     times = []

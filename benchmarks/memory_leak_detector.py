@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app import MemoryPressureError, VRAMMonitor  # noqa: E402
-from app.demo.workload import GB, MB, plan_slot  # noqa: E402
-from app.demo.workload import MODELS as CARD_MODELS  # noqa: E402
-from app.errors import MemoryLeakWarning, MemoryPressureWarning  # noqa: E402
-from benchmarks.card import make_card  # noqa: E402
+from app import MemoryPressureError, VRAMMonitor
+from app.demo.workload import GB, MB, plan_slot
+from app.demo.workload import MODELS as CARD_MODELS
+from app.errors import MemoryLeakWarning, MemoryPressureWarning
+from benchmarks.card import make_card
 
 
 def main(argv: list[str] | None = None) -> int:

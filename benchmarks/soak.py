@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.load import client_process  # noqa: E402
+from benchmarks.load import client_process
 
 
 def rss_bytes() -> int:

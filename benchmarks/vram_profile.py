@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from app import VRAMMonitor  # noqa: E402
-from app.demo.workload import GB, MB, MODELS, plan_slot  # noqa: E402
-from app.errors import MemoryPressureWarning  # noqa: E402
-from benchmarks.card import make_card  # noqa: E402
+from app import VRAMMonitor
+from app.demo.workload import GB, MB, MODELS, plan_slot
+from app.errors import MemoryPressureWarning
+from benchmarks.card import make_card
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from app import MemoryPressureError, VRAMMonitor  # noqa: E402
-from app.backends import OutOfMemoryError  # noqa: E402
-from app.demo.workload import GB, MODELS  # noqa: E402
-from app.errors import MemoryLeakWarning, MemoryPressureWarning  # noqa: E402
-from benchmarks.card import make_card  # noqa: E402
+from app import MemoryPressureError, VRAMMonitor
+from app.backends import OutOfMemoryError
+from app.demo.workload import GB, MODELS
+from app.errors import MemoryLeakWarning, MemoryPressureWarning
+from benchmarks.card import make_card
 
 
 def plot(rows: list[dict], monitor: VRAMMonitor, title: str, path: Path) -> None:

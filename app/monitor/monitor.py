@@ -1,24 +1,23 @@
-"""The VRAM monitor: limits, guards, model registry, generations, leaks, snapshots, cleanup.
+"""The VRAM monitor: limits, guards, model registry, snapshots; it drives the slots'
+bookkeeping (``GenerationTracker``) and the cleanups (``CleanupRunner``).
 
-Thread model: one lock (``_lock``) guards every piece of mutable state below. Each method
-reads the backend once, takes the lock briefly to copy or update state, and does the slow
-work (formatting, logging, ``warnings.warn``, gc, ``empty_cache``) after releasing it.
-Cleanups are serialised by a second lock that guards nothing but "a cleanup is running",
-so a slow cleanup never blocks a guard check.
+Thread model: three owners, one lock each. The monitor's ``_lock`` guards the limit state,
+its counters and the model registry; the tracker's guards everything about slots; the
+runner's guards the cleanup clock and totals. Each method reads the backend once, takes a
+lock briefly to copy or update state, and does the slow work (formatting, logging,
+``warnings.warn``, gc, ``empty_cache``) after releasing it.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
 import traceback
 import warnings
-from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,8 +29,8 @@ from app.errors import (
     MemoryPressureWarning,
     VortexInitializationError,
 )
-from app.monitor.histogram import DELTA_BOUNDS, PEAK_BOUNDS, Histogram
-from app.monitor.leak import LeakWindow, trend
+from app.monitor.cleanup import CleanupRunner
+from app.monitor.generations import GenerationTracker
 from app.monitor.modules import module_bytes
 from app.monitor.records import (
     GB,
@@ -50,12 +49,14 @@ from app.monitor.records import (
     utc_timestamp,
 )
 
+if TYPE_CHECKING:
+    from app.config import Settings
+
 logger = logging.getLogger(__name__)
 snapshot_logger = logging.getLogger("app.monitor.snapshots")
 
 LIMIT_BASES = ("allocated", "reserved")
 _BASIS_INDEX = {"allocated": 0, "reserved": 1}  # fields of AllocatorSample
-HISTORY = 100  # generation records kept for the control plane
 ERROR_LOG_INTERVAL_S = 10.0  # a failing backend logs at most this often (every failure counts)
 
 
@@ -91,7 +92,8 @@ class VRAMMonitor:
             hard_limit_gb > soft_limit_gb, "hard_limit_gb", hard_limit_gb,
             f"must be above soft_limit_gb ({soft_limit_gb})",
         )
-        _require(limit_basis in LIMIT_BASES, "limit_basis", limit_basis, f"must be one of {LIMIT_BASES}")
+        _require(limit_basis in LIMIT_BASES, "limit_basis", limit_basis,
+                 f"must be one of {LIMIT_BASES}")
         _require(leak_threshold_mb > 0, "leak_threshold_mb", leak_threshold_mb, "must be positive")
         _require(
             isinstance(leak_window, int) and leak_window >= 1, "leak_window", leak_window,
@@ -102,7 +104,8 @@ class VRAMMonitor:
             0 <= soft_limit_hysteresis_mb * MB < soft_limit_gb * GB, "soft_limit_hysteresis_mb",
             soft_limit_hysteresis_mb, "must be >= 0 and below the soft limit",
         )
-        _require(snapshot_interval_s >= 0, "snapshot_interval_s", snapshot_interval_s, "must be >= 0")
+        _require(snapshot_interval_s >= 0, "snapshot_interval_s", snapshot_interval_s,
+                 "must be >= 0")
         _require(required_gb > 0, "required_gb", required_gb, "must be positive")
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
@@ -118,35 +121,24 @@ class VRAMMonitor:
         self.snapshot_interval_s = float(snapshot_interval_s)
         self.required_bytes = int(required_gb * GB)
 
+        self._slots = GenerationTracker(leak_window, self.leak_threshold_bytes,
+                                        self.hard_limit_bytes)
+        self._cleaner = CleanupRunner(self._backend, self.cleanup_cooldown_s)
         self._lock = threading.Lock()
-        self._cleanup_lock = threading.Lock()
         # --- everything below is guarded by _lock ---
         self._soft_armed = True
         self._soft_violations = 0
         self._hard_violations = 0
-        self._cleanups = 0
-        self._freed_total = 0
-        self._last_cleanup_at: float | None = None  # monotonic
-        self._last_cleanup: CleanupResult | None = None
-        self._generations = 0
-        self._generations_failed = 0
-        self._ooms_caught = 0
-        self._leak_warnings = 0
         self._monitor_errors = 0
         self._last_error_log: float | None = None  # monotonic
         self._models: dict[str, ModelRecord] = {}
-        self._leak = LeakWindow(leak_window, self.leak_threshold_bytes)
-        self._history: deque[GenerationRecord] = deque(maxlen=HISTORY)
-        self._peak_hist = Histogram(PEAK_BOUNDS)
-        self._delta_hist = Histogram(DELTA_BOUNDS)
-        self._active: GenerationRecord | None = None
-        self._peak_carry = 0  # peaks seen before the last reset inside the active generation
-        self._open_stages: list[list] = []  # [name, running peak] of stages now open
         self._last_info_snapshot: float | None = None  # monotonic
         self._preflight: PreflightResult | None = None
 
     @classmethod
-    def from_settings(cls, settings, *, backend: MemoryBackend | None = None) -> VRAMMonitor:
+    def from_settings(
+        cls, settings: Settings, *, backend: MemoryBackend | None = None
+    ) -> VRAMMonitor:
         return cls(backend=backend, **settings.monitor_kwargs())
 
     # ------------------------------------------------------------------ read-only figures
@@ -169,11 +161,11 @@ class VRAMMonitor:
 
     @property
     def emergency_cleanups(self) -> int:
-        return self._cleanups
+        return self._cleaner.count
 
     @property
     def generation_count(self) -> int:
-        return self._generations
+        return self._slots.generations
 
     @property
     def preflight_passed(self) -> bool:
@@ -184,32 +176,26 @@ class VRAMMonitor:
         return self._backend.sample()[self._basis]
 
     def counters(self) -> MonitorCounters:
+        generations, failed, ooms, leaks = self._slots.counts()
+        cleanups, freed = self._cleaner.totals()
         with self._lock:
-            return MonitorCounters(
-                self._soft_violations, self._hard_violations, self._cleanups,
-                self._freed_total, self._generations, self._generations_failed,
-                self._ooms_caught, self._leak_warnings, self._monitor_errors,
-            )
+            soft, hard, errors = self._soft_violations, self._hard_violations, self._monitor_errors
+        return MonitorCounters(soft, hard, cleanups, freed, generations, failed, ooms, leaks,
+                               errors)
 
     def histograms(self) -> tuple[HistogramState, HistogramState]:
         """(peak bytes, delta bytes) of the generations so far."""
-        with self._lock:
-            return self._peak_hist.state(), self._delta_hist.state()
+        return self._slots.histograms()
 
     def recent_generations(self) -> list[GenerationRecord]:
-        with self._lock:
-            return [replace(r, stage_peaks_bytes=dict(r.stage_peaks_bytes)) for r in self._history]
+        return self._slots.recent()
 
     def last_cleanup(self) -> CleanupResult | None:
-        with self._lock:
-            return self._last_cleanup
+        return self._cleaner.last()
 
     def cleanup_retry_after(self) -> float:
         """Seconds until a cooldown-bound cleanup may run again; 0 when it may run now."""
-        with self._lock:
-            if self._last_cleanup_at is None:
-                return 0.0
-            return max(0.0, self._last_cleanup_at + self.cleanup_cooldown_s - time.monotonic())
+        return self._cleaner.retry_after()
 
     # ------------------------------------------------------------------ guards (hot path)
 
@@ -271,7 +257,8 @@ class VRAMMonitor:
             self._hard_violations += 1
         msg = (
             f"Allocation refused{_ctx(context)}: current_usage={usage / GB:.2f}GB, "
-            f"requested={requested_bytes / GB:.2f}GB, hard_limit={self.hard_limit_bytes / GB:.2f}GB "
+            f"requested={requested_bytes / GB:.2f}GB, "
+            f"hard_limit={self.hard_limit_bytes / GB:.2f}GB "
             f"(would reach {projected / GB:.2f}GB)"
         )
         logger.error(msg, extra={"vram_event": "allocation_refused", "context": context,
@@ -382,7 +369,8 @@ class VRAMMonitor:
         with self._lock:
             self._models[record.name] = record
         logger.info("model %s resident: %.2fGB%s", record.name, record.vram_bytes / GB,
-                    "" if record.budget_bytes is None else f" (budget {record.budget_bytes / GB:.2f}GB)")
+                    "" if record.budget_bytes is None
+                    else f" (budget {record.budget_bytes / GB:.2f}GB)")
         if record.over_budget:
             logger.warning("model %s over budget: %.2fGB > %.2fGB", record.name,
                            record.vram_bytes / GB, record.budget_bytes / GB)
@@ -407,7 +395,8 @@ class VRAMMonitor:
         """
         for name, nbytes in buffers.items():
             if not isinstance(nbytes, int) or nbytes < 0:
-                raise ValueError(f"buffer {name!r} must be a non-negative int of bytes, got {nbytes!r}")
+                raise ValueError(
+                    f"buffer {name!r} must be a non-negative int of bytes, got {nbytes!r}")
         with self._lock:
             models_total = sum(m.vram_bytes for m in self._models.values())
         resident = max(self._backend.sample()[self._basis], models_total)
@@ -438,16 +427,8 @@ class VRAMMonitor:
         ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
         """
         before = self._safe_sample("generation")
-        with self._lock:
-            if self._active is not None:
-                raise RuntimeError(
-                    f"generation({slot}) started while slot {self._active.slot} is running; "
-                    "one generation at a time per monitor"
-                )
-            record = GenerationRecord(slot, before.allocated_bytes if before else 0)
-            self._active = record
-            self._peak_carry = record.allocated_before_bytes
-            self._open_stages = []
+        before_bytes = before.allocated_bytes if before else None
+        record = self._slots.begin(slot, before_bytes or 0)
         self._safe_reset_peak()
         self._log_periodic_snapshot("pre_generation", slot)
         t0 = time.perf_counter()
@@ -458,90 +439,49 @@ class VRAMMonitor:
             traceback.clear_frames(exc.__traceback__)
             oom = exc
         except BaseException:
-            self._finish_generation(record, before, t0, "failed")
+            self._finish_generation(record, before_bytes, t0, "failed")
             raise
         else:
-            self._finish_generation(record, before, t0, "ok")
+            self._finish_generation(record, before_bytes, t0, "ok")
             return
-        self._finish_generation(record, before, t0, "oom")
+        self._finish_generation(record, before_bytes, t0, "oom")
         where = f"slot {slot}" + (f", stage {record.failed_stage}" if record.failed_stage else "")
-        with self._lock:
-            self._ooms_caught += 1
         logger.error("CUDA out of memory in %s escaped the guards; cleaning up", where)
         self._post_mortem(f"slot{slot}")  # before the cleanup: the history as the OOM saw it
         try:
-            self._cleanup("oom", respect_cooldown=False)
+            self._cleaner.run("oom", respect_cooldown=False)
         except Exception as exc:
             self._backend_failed("emergency cleanup", exc)
-        raise MemoryPressureError(f"CUDA out of memory in {where}: {str(oom).splitlines()[0]}") from oom
+        first_line = str(oom).splitlines()[0] if str(oom) else "OutOfMemoryError"
+        raise MemoryPressureError(f"CUDA out of memory in {where}: {first_line}") from oom
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Measure the peak of one stage (one model's forward, say) inside a generation."""
-        self._fold_peak(open_stage=name)
+        self._slots.open_stage(name, self._peak_now())
+        self._safe_reset_peak()
+        failed = False
         try:
             yield
         except BaseException:
-            with self._lock:
-                if self._active is not None and self._active.failed_stage is None:
-                    self._active.failed_stage = name
+            failed = True
             raise
         finally:
-            self._close_stage(name)
+            self._slots.close_stage(name, self._peak_now(), failed)
 
-    def _fold_peak(self, open_stage: str | None = None) -> None:
+    def _peak_now(self) -> int:
         s = self._safe_sample("stage")
-        peak = s.peak_allocated_bytes if s else 0
-        with self._lock:
-            if self._active is None:
-                raise RuntimeError("stage() is only valid inside generation()")
-            self._peak_carry = max(self._peak_carry, peak)
-            for st in self._open_stages:
-                st[1] = max(st[1], peak)
-            if open_stage is not None:
-                self._open_stages.append([open_stage, 0])
-        if open_stage is not None:
-            self._safe_reset_peak()
-
-    def _close_stage(self, name: str) -> None:
-        s = self._safe_sample("stage")
-        peak = s.peak_allocated_bytes if s else 0
-        with self._lock:
-            self._peak_carry = max(self._peak_carry, peak)
-            for st in self._open_stages:
-                st[1] = max(st[1], peak)
-            st = self._open_stages.pop()
-            if self._active is not None:
-                peaks = self._active.stage_peaks_bytes
-                peaks[name] = max(peaks.get(name, 0), st[1])
+        return s.peak_allocated_bytes if s else 0
 
     def _finish_generation(
-        self, record: GenerationRecord, before: AllocatorSample | None, t0: float, status: str
+        self, record: GenerationRecord, before_bytes: int | None, t0: float, status: str
     ) -> None:
         after = self._safe_sample("generation")
-        finding = None
-        with self._lock:
-            record.duration_s = time.perf_counter() - t0
-            record.status = status
-            record.measured = before is not None and after is not None
-            self._active = None
-            self._open_stages = []
-            self._generations += 1
-            if status != "ok":
-                self._generations_failed += 1
-            if before is not None and after is not None:
-                record.allocated_after_bytes = after.allocated_bytes
-                record.delta_bytes = after.allocated_bytes - before.allocated_bytes
-                record.peak_bytes = max(self._peak_carry, after.peak_allocated_bytes)
-                self._peak_hist.observe(record.peak_bytes)
-                self._delta_hist.observe(record.delta_bytes)
-                finding = self._leak.observe(
-                    before.allocated_bytes, after.allocated_bytes, self._generations,
-                    self.hard_limit_bytes,
-                )
-                if finding is not None:
-                    self._leak_warnings += 1
-            self._history.append(replace(record, stage_peaks_bytes=dict(record.stage_peaks_bytes)))
+        finding = self._slots.finish(
+            record, before_bytes,
+            None if after is None else (after.allocated_bytes, after.peak_allocated_bytes),
+            status, time.perf_counter() - t0,
+        )
         self._log_periodic_snapshot("post_generation", record.slot)
         if finding is not None:
             self._report_leak(finding, warn=status == "ok")
@@ -549,12 +489,7 @@ class VRAMMonitor:
     def increment_generation_count(self) -> None:
         """Count a generation run without ``generation()`` (the task card's API); every
         ``leak_window`` calls this closes a leak window. Do not mix with ``generation()``."""
-        now = self._backend.sample().allocated_bytes
-        with self._lock:
-            self._generations += 1
-            finding = self._leak.observe(now, now, self._generations, self.hard_limit_bytes)
-            if finding is not None:
-                self._leak_warnings += 1
+        finding = self._slots.count_unrecorded(self._backend.sample().allocated_bytes)
         if finding is not None:
             self._report_leak(finding)
 
@@ -564,26 +499,15 @@ class VRAMMonitor:
         The first call only sets the baseline. Reports and returns True past the threshold.
         """
         threshold = self.leak_threshold_bytes if threshold_mb is None else int(threshold_mb * MB)
-        now = self._backend.sample().allocated_bytes
-        with self._lock:
-            baseline = self._leak.baseline_bytes
-            if baseline is None:
-                self._leak.baseline_bytes = now
-                return False
-            if now - baseline <= threshold:
-                return False
-            self._leak_warnings += 1
-            samples = list(self._leak.samples)
-            generations = self._generations
-        t = trend(samples, self.hard_limit_bytes)
-        self._report_leak(LeakFinding(baseline, now, generations, self.leak_window,
-                                      t.bytes_per_generation, t.generations_to_hard_limit))
+        finding = self._slots.check_against_baseline(self._backend.sample().allocated_bytes,
+                                                     threshold)
+        if finding is None:
+            return False
+        self._report_leak(finding)
         return True
 
     def leak_trend(self) -> LeakTrend:
-        with self._lock:
-            samples = list(self._leak.samples)
-        return trend(samples, self.hard_limit_bytes)
+        return self._slots.leak_trend()
 
     def _report_leak(self, f: LeakFinding, warn: bool = True) -> None:
         left = (
@@ -609,52 +533,21 @@ class VRAMMonitor:
     def emergency_cleanup(self) -> int:
         """``gc.collect()`` and ``empty_cache()`` now, whatever the cooldown; returns the
         reserved bytes freed (``empty_cache`` lowers reserved, never allocated)."""
-        return self._cleanup("manual", respect_cooldown=False).freed_bytes
+        return self._cleaner.run("manual", respect_cooldown=False).freed_bytes
 
     def request_cleanup(self, reason: str = "http") -> CleanupResult:
         """A cleanup that obeys ``cleanup_cooldown_s``: raises ``CleanupCooldownError``
         within it. For callers outside the generation loop (the control plane)."""
-        return self._cleanup(reason, respect_cooldown=True)
+        return self._cleaner.run(reason, respect_cooldown=True)
 
     def _try_auto_cleanup(self, reason: str) -> CleanupResult | None:
         try:
-            return self._cleanup(reason, respect_cooldown=True)
+            return self._cleaner.run(reason, respect_cooldown=True)
         except CleanupCooldownError as exc:
             logger.debug("automatic cleanup skipped: %s", exc)
-        except Exception as exc:  # the guard reports the pressure; a failed cleanup must not mask it
+        except Exception as exc:  # the guard reports the pressure; a failed cleanup can't mask it
             self._backend_failed("emergency cleanup", exc)
         return None
-
-    def _cleanup(self, reason: str, *, respect_cooldown: bool) -> CleanupResult:
-        now = time.monotonic()
-        with self._lock:
-            if respect_cooldown and self._last_cleanup_at is not None:
-                left = self._last_cleanup_at + self.cleanup_cooldown_s - now
-                if left > 0:
-                    raise CleanupCooldownError(left)
-            self._last_cleanup_at = now  # claim the slot before the slow part
-        with self._cleanup_lock:
-            t0 = time.perf_counter()
-            before = self._backend.sample()
-            gc.collect()
-            self._backend.empty_cache()
-            after = self._backend.sample()
-            duration = time.perf_counter() - t0
-        freed = max(0, before.reserved_bytes - after.reserved_bytes)
-        result = CleanupResult(reason, freed, before.reserved_bytes, after.reserved_bytes,
-                               after.allocated_bytes, duration, utc_timestamp())
-        with self._lock:
-            self._cleanups += 1
-            self._freed_total += freed
-            self._last_cleanup = result
-        logger.info(
-            "Emergency cleanup freed %.0fMB (%.2fGB → %.2fGB)", freed / MB,
-            before.reserved_bytes / GB, after.reserved_bytes / GB,
-            extra={"vram_event": "emergency_cleanup", "reason": reason, "freed_mb": freed / MB,
-                   "reserved_before_gb": to_gb(before.reserved_bytes),
-                   "reserved_after_gb": to_gb(after.reserved_bytes), "device": self.device},
-        )
-        return result
 
     # ------------------------------------------------------------------ snapshots
 
@@ -664,11 +557,10 @@ class VRAMMonitor:
         dm = self._backend.device_memory()
         with self._lock:
             models = {m.name: to_gb(m.vram_bytes) for m in self._models.values()}
-            samples = list(self._leak.samples)
-            generations = self._generations
             soft_v, hard_v = self._soft_violations, self._hard_violations
-            cleanups, leaks = self._cleanups, self._leak_warnings
-        t = trend(samples, self.hard_limit_bytes)
+        generations, _, _, leaks = self._slots.counts()
+        cleanups = self._cleaner.count
+        t = self._slots.leak_trend()
         usage = s[self._basis]
         return VRAMSnapshot(
             timestamp=utc_timestamp(), event=event, slot=slot,
@@ -693,7 +585,7 @@ class VRAMMonitor:
         )
 
     def log_snapshot(self, event: str, slot: int | None = None) -> VRAMSnapshot:
-        """Take a snapshot and log it as one JSON record (INFO, logger ``app.monitor.snapshots``)."""
+        """Take a snapshot and log it as one JSON record (INFO, ``app.monitor.snapshots``)."""
         snap = self.snapshot(event, slot)
         snapshot_logger.info(snap.to_json(), extra={"vram_snapshot": snap.to_dict()})
         return snap

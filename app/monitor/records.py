@@ -38,7 +38,8 @@ class ModelRecord:
         every tensor is rounded up, so a model sized exactly to its budget lands a little over."""
         if self.budget_bytes is None:
             return False
-        return self.vram_bytes > self.budget_bytes + max(BUDGET_SLACK_BYTES, self.budget_bytes // 1000)
+        slack = max(BUDGET_SLACK_BYTES, self.budget_bytes // 1000)
+        return self.vram_bytes > self.budget_bytes + slack
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ def test_not_ready_before_preflight_and_models():
 
 
 def test_snapshot(plane, node):
-    monitor, card = node
+    _monitor, card = node
     body = httpx.get(f"{plane.url}/vram/snapshot").json()
     for key in ("timestamp", "event", "slot", "vram_usage_gb", "vram_allocated_gb",
                 "vram_reserved_gb", "models"):
@@ -123,7 +123,7 @@ def test_metrics_follow_the_monitor(plane, node):
 @pytest.mark.skipif(shutil.which("promtool") is None,
                     reason="promtool absent: apt-get install -y prometheus")
 def test_live_metrics_pass_promtool(plane, node):
-    monitor, card = node
+    monitor, _card = node
     with monitor.generation(1):
         pass
     httpx.get(f"{plane.url}/vram/snapshot")

@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.helpers import demo_env, running_demo
 
+
 @pytest.fixture
 def demo(tmp_path):
     with running_demo(tmp_path, "--slot-seconds", "0.02", "--pressure-every", "5", "--seed", "3",

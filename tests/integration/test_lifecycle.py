@@ -26,5 +26,6 @@ def test_100_starts_and_stops_leak_no_threads_sockets_or_fds(node):
             assert c.get(f"{cp.url}/metrics").status_code == 200
         cp.stop()
         assert not cp.running
-    assert threading.active_count() == threads
-    assert _fds() == fds
+    # No growth. (Fewer is fine: threads of earlier tests may still be winding down.)
+    assert threading.active_count() <= threads
+    assert _fds() <= fds

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -54,7 +53,7 @@ def _panel_queries() -> list[str]:
 def stack(tmp_path):
     with running_demo(tmp_path, "--slot-seconds", "0.05", "--pressure-every", "0",
                       "--log-level", "WARNING",
-                      VORTEX_SOFT_LIMIT_GB="10.0") as (demo, url):
+                      VORTEX_SOFT_LIMIT_GB="10.0") as (_demo, url):
         target = url.removeprefix("http://")
         port = _free_port()
         config = tmp_path / "prometheus.yml"

@@ -44,7 +44,8 @@ def test_case_2_soft_limit_warning_generation_continues(monitor, card, caplog):
     msg = str(warned[0].message)
     assert "current_usage=11.30GB, soft_limit=11.00GB, delta=+0.30GB" in msg
     assert monitor.soft_limit_violations == 1
-    (rec,) = [r for r in caplog.records if r.levelno == logging.WARNING and "soft" in r.getMessage()]
+    (rec,) = [r for r in caplog.records
+              if r.levelno == logging.WARNING and "soft" in r.getMessage()]
     assert rec.current_usage_gb == pytest.approx(11.3, abs=0.001)
     assert rec.soft_limit_gb == 11.0
     assert rec.delta_gb == pytest.approx(0.3, abs=0.001)

@@ -28,5 +28,5 @@ def test_guards_use_the_installed_monitor(card):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_without_cuda_the_default_monitor_says_why(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(VortexInitializationError, match="CUDA is not available.*SimulatedBackend"):
+    with pytest.raises(VortexInitializationError, match=r"CUDA is not available.*SimulatedBackend"):
         app.check_limits()

@@ -49,7 +49,7 @@ def test_soft_limit_is_edge_triggered_with_hysteresis(monitor, card, caplog):
 def test_hard_limit_raises_on_every_check(monitor, card):
     allocate_exact(card, int(11.6 * GB))
     for _ in range(3):
-        with pytest.raises(MemoryPressureError, match="hard_limit=11.50GB"):
+        with pytest.raises(MemoryPressureError, match=r"hard_limit=11\.50GB"):
             monitor.check_limits("slot 7")
     assert monitor.hard_limit_violations == 3
     assert monitor.soft_limit_violations == 1  # the same excursion crossed the soft limit once
@@ -263,4 +263,4 @@ def test_logs_propagate_through_app_loggers(monitor, card, caplog):
     allocate_exact(card, int(11.2 * GB))
     with caplog.at_level(logging.WARNING, logger="app"), pytest.warns(MemoryPressureWarning):
         monitor.check_limits()
-    assert {r.name for r in caplog.records} == {"app.monitor.monitor"}
+    assert caplog.records and all(r.name.startswith("app.monitor.") for r in caplog.records)

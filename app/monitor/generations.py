@@ -1,0 +1,162 @@
+"""Per-slot bookkeeping: the slot running, its peaks, recent records, histograms, leaks."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import replace
+
+from app.monitor.histogram import DELTA_BOUNDS, PEAK_BOUNDS, Histogram
+from app.monitor.leak import LeakWindow, trend
+from app.monitor.records import (
+    GenerationRecord,
+    HistogramState,
+    LeakFinding,
+    LeakTrend,
+)
+
+HISTORY = 100  # generation records kept for the control plane
+
+
+class GenerationTracker:
+    """Owns everything about slots under one lock. It never reads the device: the monitor
+    samples the allocator and hands the figures in, so the lock is held for bookkeeping only.
+
+    The allocator's peak register is global per device and the monitor resets it at every
+    slot and stage start; ``open_stage``/``close_stage`` fold each peak read before a reset
+    into the running slot and into every stage still open, so no reset loses a peak.
+    """
+
+    def __init__(self, leak_window: int, leak_threshold_bytes: int, hard_limit_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._hard_limit_bytes = hard_limit_bytes
+        self._active: GenerationRecord | None = None
+        self._peak_carry = 0
+        self._open_stages: list[list] = []  # [name, running peak], innermost last
+        self._history: deque[GenerationRecord] = deque(maxlen=HISTORY)
+        self._peak_hist = Histogram(PEAK_BOUNDS)
+        self._delta_hist = Histogram(DELTA_BOUNDS)
+        self._leak = LeakWindow(leak_window, leak_threshold_bytes)
+        self._generations = 0
+        self._failed = 0
+        self._ooms = 0
+        self._leak_warnings = 0
+
+    # -- a slot -------------------------------------------------------------------------------
+
+    def begin(self, slot: int | None, allocated_before: int) -> GenerationRecord:
+        with self._lock:
+            if self._active is not None:
+                raise RuntimeError(
+                    f"generation({slot}) started while slot {self._active.slot} is running; "
+                    "one generation at a time per monitor"
+                )
+            self._active = GenerationRecord(slot, allocated_before)
+            self._peak_carry = allocated_before
+            self._open_stages = []
+            return self._active
+
+    def open_stage(self, name: str, peak: int) -> None:
+        with self._lock:
+            if self._active is None:
+                raise RuntimeError("stage() is only valid inside generation()")
+            self._fold(peak)
+            self._open_stages.append([name, 0])
+
+    def close_stage(self, name: str, peak: int, failed: bool) -> None:
+        with self._lock:
+            self._fold(peak)
+            _, stage_peak = self._open_stages.pop()
+            if self._active is not None:
+                peaks = self._active.stage_peaks_bytes
+                peaks[name] = max(peaks.get(name, 0), stage_peak)
+                if failed and self._active.failed_stage is None:
+                    self._active.failed_stage = name
+
+    def _fold(self, peak: int) -> None:
+        self._peak_carry = max(self._peak_carry, peak)
+        for st in self._open_stages:
+            st[1] = max(st[1], peak)
+
+    def finish(
+        self,
+        record: GenerationRecord,
+        before_bytes: int | None,
+        after: tuple[int, int] | None,  # (allocated, allocator peak) after the slot
+        status: str,
+        duration_s: float,
+    ) -> LeakFinding | None:
+        """Close the slot; a slot without both readings is counted but measured as nothing."""
+        finding = None
+        with self._lock:
+            record.duration_s = duration_s
+            record.status = status
+            record.measured = before_bytes is not None and after is not None
+            self._active = None
+            self._open_stages = []
+            self._generations += 1
+            if status != "ok":
+                self._failed += 1
+            if status == "oom":
+                self._ooms += 1
+            if before_bytes is not None and after is not None:
+                allocated, peak = after
+                record.allocated_after_bytes = allocated
+                record.delta_bytes = allocated - before_bytes
+                record.peak_bytes = max(self._peak_carry, peak)
+                self._peak_hist.observe(record.peak_bytes)
+                self._delta_hist.observe(record.delta_bytes)
+                finding = self._observe_leak(before_bytes, allocated)
+            self._history.append(replace(record, stage_peaks_bytes=dict(record.stage_peaks_bytes)))
+        return finding
+
+    def count_unrecorded(self, allocated: int) -> LeakFinding | None:
+        """A generation run without ``generation()`` (the card's increment_generation_count)."""
+        with self._lock:
+            self._generations += 1
+            return self._observe_leak(allocated, allocated)
+
+    def _observe_leak(self, before: int, after: int) -> LeakFinding | None:
+        finding = self._leak.observe(before, after, self._generations, self._hard_limit_bytes)
+        if finding is not None:
+            self._leak_warnings += 1
+        return finding
+
+    def check_against_baseline(self, now: int, threshold_bytes: int) -> LeakFinding | None:
+        """The card's detect_memory_leak: the first call sets the baseline."""
+        with self._lock:
+            baseline = self._leak.baseline_bytes
+            if baseline is None:
+                self._leak.baseline_bytes = now
+                return None
+            if now - baseline <= threshold_bytes:
+                return None
+            self._leak_warnings += 1
+            samples, generations = list(self._leak.samples), self._generations
+        t = trend(samples, self._hard_limit_bytes)
+        return LeakFinding(baseline, now, generations, self._leak.window,
+                           t.bytes_per_generation, t.generations_to_hard_limit)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    @property
+    def generations(self) -> int:
+        return self._generations
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(generations, failed, OOMs caught, leak warnings)."""
+        with self._lock:
+            return self._generations, self._failed, self._ooms, self._leak_warnings
+
+    def leak_trend(self) -> LeakTrend:
+        with self._lock:
+            samples = list(self._leak.samples)
+        return trend(samples, self._hard_limit_bytes)
+
+    def histograms(self) -> tuple[HistogramState, HistogramState]:
+        with self._lock:
+            return self._peak_hist.state(), self._delta_hist.state()
+
+    def recent(self) -> list[GenerationRecord]:
+        with self._lock:
+            return [replace(r, stage_peaks_bytes=dict(r.stage_peaks_bytes)) for r in self._history]
