@@ -74,6 +74,15 @@ def _wait_for_generations(url: str, n: int, timeout: float = 30.0) -> None:
             assert time.monotonic() < deadline, f"fewer than {n} generations in {timeout}s"
 
 
+def _wait_for_a_running_slot(url: str, timeout: float = 30.0) -> None:
+    """Until a stage's activation is allocated on top of the resident models."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5) as c:
+        resident = c.get("/vram/models").json()["total_bytes"]
+        while c.get("/vram/snapshot").json()["allocated_bytes"] <= resident:
+            assert time.monotonic() < deadline, "no slot started"
+
+
 def test_sigterm_during_a_slot_lets_it_finish(tmp_path):
     # 5 stages x 200 ms: a slot takes a second; the signal lands inside one.
     with running_demo(tmp_path, "--slot-seconds", "0", "--work-ms", "200",
@@ -91,7 +100,8 @@ def test_sigterm_during_a_slot_lets_it_finish(tmp_path):
 
 def test_a_hung_slot_cannot_hold_shutdown_hostage(tmp_path):
     with running_demo(tmp_path, "--slot-seconds", "0", "--work-ms", "60000",
-                      "--shutdown-timeout", "1", "--log-level", "WARNING") as (proc, _url):
+                      "--shutdown-timeout", "1", "--log-level", "WARNING") as (proc, url):
+        _wait_for_a_running_slot(url)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
