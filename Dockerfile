@@ -8,9 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/vortex
 COPY pyproject.toml README.md settings.env ./
 COPY app ./app
-RUN pip install --no-deps . \
- && pip install "pydantic>=2.5" "pydantic-settings>=2.1" "pyyaml>=6" "fastapi>=0.110" \
-      "uvicorn>=0.27" "prometheus-client>=0.19" "prometheus-fastapi-instrumentator>=7.0" numpy \
+# The image's torch satisfies torch>=2.1, so pip keeps it and adds only the small packages.
+RUN pip install . \
  && useradd --system --uid 10001 --home-dir /opt/vortex vortex
 
 USER vortex
