@@ -16,7 +16,16 @@ class MemoryLeakWarning(UserWarning):
 
 
 class MemoryPressureError(RuntimeError):
-    """The hard limit was, or would be, crossed; the generation must abort."""
+    """The hard limit was, or would be, crossed; the generation must abort.
+
+    ``reason`` says which guard raised it: ``"hard_limit"`` (usage above it),
+    ``"allocation_refused"`` (a request that would cross it), ``"buffers"``
+    (``validate_buffers``) or ``"oom"`` (an OOM that slipped past the guards).
+    """
+
+    def __init__(self, message: str, reason: str = "hard_limit") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class VortexInitializationError(RuntimeError):

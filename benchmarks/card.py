@@ -6,7 +6,7 @@ import torch
 
 from app.backends import CudaBackend, MemoryBackend
 from app.demo.director import make_backend
-from app.demo.workload import Device
+from app.demo.workload import CudaDevice, Device
 
 CARD_BYTES = 12e9
 
@@ -19,5 +19,4 @@ def make_card(simulate: bool) -> tuple[MemoryBackend, Device, str]:
         return backend, device, "simulated 12 GB RTX 3060"
     total = torch.cuda.get_device_properties(0).total_memory
     backend = CudaBackend(0, memory_fraction=min(1.0, CARD_BYTES / total))
-    _, device = make_backend("cuda")
-    return backend, device, f"{torch.cuda.get_device_name(0)} capped to 12 GB"
+    return backend, CudaDevice(0), f"{torch.cuda.get_device_name(0)} capped to 12 GB"

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                                 with device.activation(int(rng.uniform(0.5, 2.5) * GB)):
                                     pass  # not guarded: only the allocator stands in the way
         except MemoryPressureError as exc:
-            outcome = "oom" if "out of memory" in str(exc) else "refused"
+            outcome = "oom" if exc.reason == "oom" else "refused"
         except OutOfMemoryError:
             escaped += 1  # must never happen: generation() converts OOMs
             outcome = "escaped"

@@ -9,7 +9,6 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
-from app.errors import CleanupCooldownError
 from app.monitor import VRAMMonitor
 
 logger = logging.getLogger(__name__)
@@ -47,11 +46,13 @@ def read_backend(fn: Callable[[], T]) -> T:
     """Run a monitor read; a failing backend is a 503 with a plain message, never a trace."""
     try:
         return fn()
-    except CleanupCooldownError:
-        raise
     except Exception as exc:
-        logger.warning("VRAM backend read failed: %s: %s", type(exc).__name__, exc)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"VRAM backend unavailable: reading the device failed ({type(exc).__name__})",
-        ) from None
+        raise backend_unavailable(exc) from None
+
+
+def backend_unavailable(exc: Exception) -> HTTPException:
+    logger.warning("VRAM backend read failed: %s: %s", type(exc).__name__, exc)
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"VRAM backend unavailable: reading the device failed ({type(exc).__name__})",
+    )

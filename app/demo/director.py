@@ -120,7 +120,7 @@ class Director:
                     self.device.keep(self.leak_bytes)
         except MemoryPressureError as exc:
             self.stats.aborted += 1
-            key = "oom" if "out of memory" in str(exc) else "pressure"
+            key = "oom" if exc.reason == "oom" else "pressure"
             self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
             logger.warning("slot %d aborted: %s", slot, exc)
             return False

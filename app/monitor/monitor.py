@@ -268,7 +268,7 @@ class VRAMMonitor:
                                  "device": self.device})
         if self.emergency_cleanup_enabled:
             self._try_auto_cleanup("hard_limit")
-        raise MemoryPressureError(msg)
+        raise MemoryPressureError(msg, reason="allocation_refused")
 
     def _on_pressure(self, usage: int, soft_edge: bool, hard: bool, context: str) -> None:
         soft_msg = None
@@ -410,7 +410,8 @@ class VRAMMonitor:
                 f"Buffers do not fit under hard_limit={self.hard_limit_bytes / GB:.2f}GB next to "
                 f"resident models {resident / GB:.2f}GB: {', '.join(misfits)} "
                 f"(all buffers {sum(buffers.values()) / GB:.2f}GB, "
-                f"headroom {(self.hard_limit_bytes - resident) / GB:.2f}GB)"
+                f"headroom {(self.hard_limit_bytes - resident) / GB:.2f}GB)",
+                reason="buffers",
             )
         return self.hard_limit_bytes - running
 
@@ -453,7 +454,8 @@ class VRAMMonitor:
         except Exception as exc:
             self._backend_failed("emergency cleanup", exc)
         first_line = str(oom).splitlines()[0] if str(oom) else "OutOfMemoryError"
-        raise MemoryPressureError(f"CUDA out of memory in {where}: {first_line}") from oom
+        raise MemoryPressureError(f"CUDA out of memory in {where}: {first_line}",
+                                  reason="oom") from oom
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -5,7 +5,7 @@ import math
 from fastapi import APIRouter, HTTPException, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import MonitorDep, TokenDep, read_backend
+from app.api.deps import MonitorDep, TokenDep, backend_unavailable, read_backend
 from app.api.schemas import ErrorBody, ModelOut, Models
 from app.errors import CleanupCooldownError
 from app.monitor import CleanupResult, VRAMSnapshot
@@ -56,10 +56,12 @@ async def models(monitor: MonitorDep) -> Models:
 async def cleanup(monitor: MonitorDep) -> dict:
     try:
         # gc.collect() and empty_cache() take milliseconds: off the event loop.
-        result = await run_in_threadpool(read_backend, lambda: monitor.request_cleanup("http"))
+        result = await run_in_threadpool(monitor.request_cleanup, "http")
     except CleanupCooldownError as exc:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS, str(exc),
             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
         ) from None
+    except Exception as exc:
+        raise backend_unavailable(exc) from None
     return result.to_dict()
