@@ -257,3 +257,12 @@ def test_clients_hammer_while_the_loop_runs_guards(plane, node):
     assert statuses == [200] * 240
     assert monitor.generation_count == 300
     assert refused == 75  # the 800 MB requests: 10.8 + 0.8 > 11.5
+
+
+def test_failing_cleanup_is_a_503_and_changes_nothing(plane, node):
+    monitor, card = node
+    card.set_faults(empty_cache=True)
+    r = httpx.post(f"{plane.url}/vram/cleanup", headers=AUTH)
+    assert r.status_code == 503
+    assert r.json()["detail"].startswith("VRAM backend unavailable")
+    assert monitor.emergency_cleanups == 0
