@@ -1,6 +1,12 @@
 """Memory backends: where the monitor's figures come from."""
 
-from app.backends.base import AllocatorSample, DeviceMemory, MemoryBackend, OutOfMemoryError
+from app.backends.base import (
+    AllocatorSample,
+    DeviceMemory,
+    MemoryBackend,
+    OutOfMemoryError,
+    is_oom_error,
+)
 from app.backends.cuda import CudaBackend
 from app.backends.simulated import SimulatedBackend
 
@@ -12,6 +18,7 @@ __all__ = [
     "OutOfMemoryError",
     "SimulatedBackend",
     "default_backend",
+    "is_oom_error",
 ]
 
 

@@ -6,10 +6,36 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from app.errors import MemoryPressureError
+
 # torch >= 2.5 exposes the class at top level; older releases only under torch.cuda.
 OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", None) or (
     torch.cuda.OutOfMemoryError
 )
+
+# What a device allocation failure says when it does not come from torch's caching allocator:
+# cuBLAS through TORCH_CUDABLAS_CHECK ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling
+# `cublasCreate(handle)`"), cuDNN through AT_CUDNN_CHECK ("cuDNN error:
+# CUDNN_STATUS_ALLOC_FAILED"), both in ATen/cuda/Exceptions.h, and a raw CUDA call through
+# C10_CUDA_CHECK ("CUDA error: out of memory", cudaGetErrorString(cudaErrorMemoryAllocation)).
+_OOM_MESSAGES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device ran out of memory.
+
+    True for torch's ``OutOfMemoryError`` and for the ``RuntimeError``s that cuBLAS, cuDNN and
+    the CUDA runtime raise when *their* allocations fail: those bypass the caching allocator,
+    so no ``OutOfMemoryError`` is raised and ``num_ooms`` does not count them.
+    ``MemoryPressureError`` is not one: it is the monitor's own verdict (its ``reason="oom"``
+    message says "CUDA out of memory in slot ..."), already counted where it was raised.
+    """
+    if isinstance(exc, OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError) or isinstance(exc, MemoryPressureError):
+        return False
+    message = str(exc)
+    return any(marker in message for marker in _OOM_MESSAGES)
 
 
 class AllocatorSample(NamedTuple):
@@ -30,13 +56,25 @@ class AllocatorSample(NamedTuple):
 class DeviceMemory(NamedTuple):
     """What the device (not the allocator) reports, in bytes.
 
-    ``total_bytes`` is what this process may use: the card's memory, or less where a
-    per-process memory fraction caps it.
+    ``total_bytes`` is what this process may use: the card's memory, or the cap where a
+    per-process memory fraction limits what the allocator may reserve. The figures add up:
+    ``free_bytes + reserved_bytes + non_torch_bytes == total_bytes``, with ``reserved_bytes``
+    from the ``AllocatorSample`` the figures were computed with (``free_bytes`` is read from
+    the device a moment later; should the allocator release memory in between, non-torch is
+    0 rather than negative and the sum falls short by what was released).
+
+    ``non_torch_bytes`` is the part of ``total_bytes`` that this process's allocator cannot
+    get because something else holds it. On a whole card that is the CUDA context, cuBLAS and
+    cuDNN workspaces and other processes. On a capped card it is the part of the cap that is
+    not free on the device; the context itself lives outside the cap (the cap counts only what
+    the allocator reserves), so with the card to itself the process sees ``non_torch_bytes``
+    near 0. When a cap is set below what is already reserved, free and non-torch are 0 and
+    reserved exceeds the total.
     """
 
     free_bytes: int
     total_bytes: int
-    non_torch_bytes: int  # held outside torch's allocator: CUDA context, cuBLAS, other processes
+    non_torch_bytes: int
 
 
 @runtime_checkable
@@ -52,9 +90,25 @@ class MemoryBackend(Protocol):
         """A stable label such as ``cuda:0``, used in logs and as the metrics ``device`` label."""
         ...
 
+    @property
+    def name(self) -> str:
+        """The device's model name, e.g. ``NVIDIA H100 80GB HBM3``; read once at construction."""
+        ...
+
+    @property
+    def uuid(self) -> str | None:
+        """The device's UUID as ``nvidia-smi -L``, NVML and DCGM print it (``GPU-8f3c...``),
+        which names the same GPU in every tool whatever ``CUDA_VISIBLE_DEVICES`` does to
+        ``cuda:N``; ``None`` where the backend cannot tell. Read once at construction."""
+        ...
+
     def sample(self) -> AllocatorSample: ...
 
-    def device_memory(self) -> DeviceMemory: ...
+    def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:
+        """The device's figures. Pass the ``sample`` taken for the same snapshot so that its
+        ``reserved_bytes`` is used and the allocator is not read a second time, at another
+        moment; without one the allocator is read again."""
+        ...
 
     def empty_cache(self) -> None:
         """Return cached, unused blocks to the device (lowers reserved, never allocated)."""

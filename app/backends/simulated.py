@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,10 @@ class SimulatedBackend:
     """A simulated card of ``total_bytes``, of which ``context_bytes`` are held outside torch
     (the CUDA context, other processes), as ``mem_get_info`` would show it.
 
+    ``name`` defaults to ``"Simulated GPU (12 GB)"`` for ``12e9`` bytes. ``uuid`` is ``"SIM-"``
+    and a UUID derived from the label and the name: stable across runs, so dashboards keyed
+    on it keep their series, and never mistaken for a real ``GPU-`` UUID.
+
     ``allocate``/``free`` stand in for creating and dropping tensors. Thread-safe.
     """
 
@@ -86,6 +91,7 @@ class SimulatedBackend:
         context_bytes: int = 0,
         device: str = "sim:0",
         torch_device: str | torch.device = "cpu",
+        name: str | None = None,
     ) -> None:
         if total_bytes <= 0:
             raise ValueError(f"total_bytes must be positive, got {total_bytes}")
@@ -96,6 +102,8 @@ class SimulatedBackend:
         self._total = int(total_bytes)
         self._context = int(context_bytes)
         self._device = device
+        self._name = name if name is not None else f"Simulated GPU ({total_bytes / 1e9:.3g} GB)"
+        self._uuid = f"SIM-{uuid.uuid5(uuid.NAMESPACE_URL, f'vortex-vram:{device}:{self._name}')}"
         self._torch_device = torch.device(torch_device)
         self._lock = threading.Lock()
         self._segments: list[_Segment] = []
@@ -135,6 +143,14 @@ class SimulatedBackend:
     def device(self) -> str:
         return self._device
 
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def uuid(self) -> str:
+        return self._uuid
+
     def sample(self) -> AllocatorSample:
         with self._lock:
             if self._fail_reads:
@@ -148,11 +164,12 @@ class SimulatedBackend:
                 self._ooms,
             )
 
-    def device_memory(self) -> DeviceMemory:
+    def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:
         with self._lock:
             self._check_read()
+            reserved = self._reserved if sample is None else sample.reserved_bytes
             return DeviceMemory(
-                max(0, self._total - self._context - self._reserved), self._total, self._context
+                max(0, self._total - self._context - reserved), self._total, self._context
             )
 
     def empty_cache(self) -> None:

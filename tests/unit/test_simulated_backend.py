@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import uuid
 
 import pytest
 import torch
@@ -19,6 +20,25 @@ MiB = 1 << 20
 def test_is_a_memory_backend(card):
     assert isinstance(card, MemoryBackend)
     assert card.device == "sim:0"
+    assert card.name == "Simulated GPU (12 GB)"
+
+
+def test_uuid_is_stable_and_never_a_real_gpu_one():
+    a = SimulatedBackend(12 * GB)
+    assert a.uuid == SimulatedBackend(12 * GB).uuid  # the same card in every run
+    assert a.uuid.startswith("SIM-") and uuid.UUID(a.uuid.removeprefix("SIM-"))
+    other = SimulatedBackend(12 * GB, device="sim:1", name="Simulated RTX 3060")
+    assert other.name == "Simulated RTX 3060"
+    assert other.uuid != a.uuid
+
+
+def test_device_memory_takes_reserved_from_the_sample_given(card):
+    card.allocate(100 * MiB)
+    s = card.sample()
+    card.allocate(100 * MiB)  # reserved moves on after the sample
+    dm = card.device_memory(s)
+    assert dm.free_bytes + s.reserved_bytes + dm.non_torch_bytes == dm.total_bytes
+    assert card.device_memory().free_bytes == 12 * GB - 200 * MiB
 
 
 def test_rounding_like_the_caching_allocator():
