@@ -6,16 +6,21 @@ fails start-up with ``SettingsError`` naming the variable.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "VORTEX_"
+ENV_FILE = "settings.env"
+logger = logging.getLogger(__name__)
 
 # config.yaml section -> {key: setting}
 _YAML_KEYS = {
@@ -77,8 +82,12 @@ class _DirectorYamlSource(PydanticBaseSettingsSource):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file="settings.env", extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX, env_file=ENV_FILE, extra="ignore", validate_default=True
     )
+
+    backend: Literal["auto", "cuda", "simulated"] = Field(
+        "auto", description="auto: the GPU if torch sees one, else a simulated 12 GB RTX 3060.")
+    device: int = Field(0, ge=0, description="CUDA device index (as torch numbers them).")
 
     soft_limit_gb: float = Field(11.0, gt=0, description="Warn (and clean the cache) above this.")
     hard_limit_gb: float = Field(11.5, gt=0, description="Refuse allocations past this.")
@@ -87,9 +96,12 @@ class Settings(BaseSettings):
     leak_threshold_mb: float = Field(100.0, gt=0)
     leak_window: int = Field(100, ge=1)
     cleanup_cooldown_s: float = Field(30.0, ge=0)
+    cleanup_wait_s: float = Field(10.0, ge=0)
     soft_limit_hysteresis_mb: float = Field(100.0, ge=0)
     required_gb: float = Field(11.8, gt=0)
     snapshot_interval_s: float = Field(60.0, ge=0)
+    stall_after_s: float = Field(300.0, gt=0)
+    python_warnings: bool = Field(True, description="Also issue Python warnings, not just logs.")
     memory_history: bool = Field(False, description="Record allocator history for OOM dumps.")
     memory_history_dir: Path = Path("vram-postmortem")
     memory_history_max_dumps: int = Field(5, ge=1)
@@ -139,15 +151,43 @@ class Settings(BaseSettings):
             "leak_threshold_mb": self.leak_threshold_mb,
             "leak_window": self.leak_window,
             "cleanup_cooldown_s": self.cleanup_cooldown_s,
+            "cleanup_wait_s": self.cleanup_wait_s,
             "soft_limit_hysteresis_mb": self.soft_limit_hysteresis_mb,
             "snapshot_interval_s": self.snapshot_interval_s,
+            "stall_after_s": self.stall_after_s,
             "required_gb": self.required_gb,
+            "python_warnings": self.python_warnings,
         }
+
+
+def unknown_variables(env: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """``VORTEX_*`` names in the environment and ``settings.env`` that are no setting, each
+    with the closest known one (None when nothing is close): a typo such as
+    ``VORTEX_SOFTLIMIT_GB`` is otherwise silently ignored."""
+    names = set(os.environ if env is None else env)
+    if env is None and Path(ENV_FILE).is_file():
+        names |= set(dotenv_values(ENV_FILE))
+    known = [f.upper() for f in Settings.model_fields]
+
+    def closest(suffix: str) -> str | None:
+        # Compared without the shared prefix, which would make every name look alike.
+        match = difflib.get_close_matches(suffix, known, n=1, cutoff=0.6)
+        return ENV_PREFIX + match[0] if match else None
+
+    return {
+        name: closest(name[len(ENV_PREFIX):])
+        for name in sorted(names)
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):] not in known
+    }
 
 
 def load_settings(**overrides: Any) -> Settings:
     """``Settings(**overrides)``, with validation errors turned into one ``SettingsError``
-    whose lines name each bad variable and the value it had."""
+    whose lines name each bad variable and the value it had. Unknown ``VORTEX_*`` variables
+    get a WARNING naming the closest setting."""
+    for name, close in unknown_variables().items():
+        logger.warning("unknown setting %s is ignored%s", name,
+                       f" (did you mean {close}?)" if close else "")
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -6,6 +6,11 @@ Warnings subclass ``UserWarning`` so callers can filter or escalate them with th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.monitor.records import CleanupResult
+
 
 class MemoryPressureWarning(UserWarning):
     """Usage crossed the soft limit. Generation continues."""
@@ -33,8 +38,19 @@ class VortexInitializationError(RuntimeError):
 
 
 class CleanupCooldownError(RuntimeError):
-    """A cleanup was asked for within the cooldown of the previous one."""
+    """A cleanup was asked for within the cooldown of the previous one of its kind.
 
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"emergency cleanup is cooling down; retry in {retry_after_s:.1f}s")
+    ``last`` is that previous cleanup (``None`` while it is still running): the message says
+    what it was, when it ran and who asked for it.
+    """
+
+    def __init__(self, retry_after_s: float, last: CleanupResult | None = None) -> None:
+        if last is None:
+            why = "a cleanup is running now"
+        else:
+            why = (f"last cleanup: {last.reason} at {last.timestamp}, "
+                   f"freed {last.freed_bytes / 1e6:.0f}MB")
+        super().__init__(
+            f"emergency cleanup is cooling down; retry in {retry_after_s:.1f}s ({why})")
         self.retry_after_s = retry_after_s
+        self.last = last

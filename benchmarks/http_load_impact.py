@@ -49,18 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import logging
-    import warnings
 
     from tqdm import tqdm
 
     from app.config import load_settings
     from app.demo.director import Director
-    from app.errors import MemoryLeakWarning, MemoryPressureWarning
 
     logging.basicConfig(level=logging.ERROR)
-    warnings.simplefilter("ignore", MemoryPressureWarning)
-    warnings.simplefilter("ignore", MemoryLeakWarning)
-    settings = load_settings(port=0)
+    settings = load_settings(port=0, python_warnings=False)
     director = Director(settings, backend="simulated" if args.simulate else "auto",
                         slot_seconds=0, work_ms=args.work_ms, pressure_every=0, seed=1)
     director.start()

@@ -15,7 +15,6 @@ import json
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app import MemoryPressureError, VRAMMonitor
 from app.demo.workload import GB, MB, plan_slot
 from app.demo.workload import MODELS as CARD_MODELS
-from app.errors import MemoryLeakWarning, MemoryPressureWarning
 from benchmarks.card import make_card
 
 
@@ -40,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    warnings.simplefilter("ignore", MemoryPressureWarning)
     backend, device, label = make_card(args.simulate)
     monitor = VRAMMonitor(backend=backend, leak_threshold_mb=args.threshold_mb,
-                          leak_window=args.window)
+                          leak_window=args.window, python_warnings=False)
     for spec in CARD_MODELS:
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
             device.load(spec)
@@ -53,20 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     aborted = 0
     for slot in tqdm(range(1, args.generations + 1), desc="generations", unit="slot"):
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", MemoryLeakWarning)
-                with monitor.generation(slot):
-                    for name, nbytes in plan_slot(rng, pressure_every=0).stages:
-                        with monitor.stage(name):
-                            monitor.check_allocation(nbytes, f"slot {slot} {name}")
-                            with device.activation(nbytes):
-                                pass
-                    if leak:
-                        device.keep(leak)
+            with monitor.generation(slot):
+                for name, nbytes in plan_slot(rng, pressure_every=0).stages:
+                    with monitor.stage(name):
+                        monitor.check_allocation(nbytes, f"slot {slot} {name}")
+                        with device.activation(nbytes):
+                            pass
+                if leak:
+                    device.keep(leak)
         except MemoryPressureError:
             aborted += 1  # the leak ate the headroom: the guards refuse, nothing crashes
-        if first_warning_at is None and any(issubclass(w.category, MemoryLeakWarning)
-                                            for w in caught):
+        if first_warning_at is None and monitor.counters().leak_warnings:
             first_warning_at = slot
     c = monitor.counters()
     t = monitor.leak_trend()

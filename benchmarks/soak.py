@@ -56,19 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import logging
-    import warnings
 
     from tqdm import tqdm
 
     from app.config import load_settings
     from app.demo.director import Director
-    from app.errors import MemoryLeakWarning, MemoryPressureWarning
 
     logging.basicConfig(level=logging.ERROR)
-    warnings.simplefilter("ignore", MemoryPressureWarning)
-    warnings.simplefilter("ignore", MemoryLeakWarning)
     tracemalloc.start()
-    director = Director(load_settings(port=0), backend="simulated" if args.simulate else "auto",
+    director = Director(load_settings(port=0, python_warnings=False),
+                        backend="simulated" if args.simulate else "auto",
                         slot_seconds=args.slot_seconds, pressure_every=20, seed=1)
     director.start()
     ctx = mp.get_context("spawn")

@@ -16,7 +16,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +24,6 @@ import torch
 
 from app import VRAMMonitor
 from app.demo.workload import GB, MB, MODELS, plan_slot
-from app.errors import MemoryPressureWarning
 from benchmarks.card import make_card
 
 
@@ -39,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    warnings.simplefilter("ignore", MemoryPressureWarning)
     backend, device, label = make_card(args.simulate)
-    monitor = VRAMMonitor(backend=backend)
+    monitor = VRAMMonitor(backend=backend, python_warnings=False)
     before_load = backend.device_memory()
     for spec in tqdm(MODELS, desc="loading", unit="model"):
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):

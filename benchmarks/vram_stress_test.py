@@ -18,7 +18,6 @@ import json
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +27,6 @@ import torch
 from app import MemoryPressureError, VRAMMonitor
 from app.backends import OutOfMemoryError
 from app.demo.workload import GB, MODELS
-from app.errors import MemoryLeakWarning, MemoryPressureWarning
 from benchmarks.card import make_card
 
 
@@ -76,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    warnings.simplefilter("ignore", MemoryPressureWarning)
-    warnings.simplefilter("ignore", MemoryLeakWarning)
     backend, device, label = make_card(args.simulate)
-    monitor = VRAMMonitor(backend=backend, cleanup_cooldown_s=5.0)
+    monitor = VRAMMonitor(backend=backend, cleanup_cooldown_s=5.0, python_warnings=False)
     monitor.preflight()
     for spec in MODELS:
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):

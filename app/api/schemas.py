@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 
@@ -33,3 +35,7 @@ class Models(BaseModel):
     device: str
     total_bytes: int
     models: list[ModelOut]
+
+
+class Scheduled(BaseModel):
+    status: Literal["scheduled"] = "scheduled"

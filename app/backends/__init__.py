@@ -8,6 +8,7 @@ from app.backends.base import (
     is_oom_error,
 )
 from app.backends.cuda import CudaBackend
+from app.backends.factory import default_backend, make_backend, simulated_rtx_3060
 from app.backends.simulated import SimulatedBackend
 
 __all__ = [
@@ -19,9 +20,6 @@ __all__ = [
     "SimulatedBackend",
     "default_backend",
     "is_oom_error",
+    "make_backend",
+    "simulated_rtx_3060",
 ]
-
-
-def default_backend() -> MemoryBackend:
-    """The first CUDA device; ``VortexInitializationError`` with a clear message without one."""
-    return CudaBackend(0)

@@ -9,11 +9,10 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 from app.api import ControlPlaneError
 from app.config import SettingsError, load_settings
-from app.errors import MemoryLeakWarning, MemoryPressureWarning, VortexInitializationError
+from app.errors import VortexInitializationError
 
 logger = logging.getLogger("app.demo")
 
@@ -24,9 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Demo Vortex Director: five resident models, a generation loop guarded "
         "by the VRAM monitor, and the control plane on HTTP.",
     )
-    ap.add_argument("--backend", choices=["auto", "cuda", "simulated"], default="auto",
-                    help="auto (default): the GPU if there is one, else a simulated 12 GB "
-                    "RTX 3060; cuda: insist on a GPU")
+    ap.add_argument("--backend", choices=["auto", "cuda", "simulated"],
+                    help="auto: the GPU if there is one, else a simulated 12 GB RTX 3060; "
+                    "cuda: insist on a GPU (default: VORTEX_BACKEND, else auto)")
     ap.add_argument("--simulate", action="store_const", const="simulated", dest="backend",
                     help="same as --backend simulated")
     ap.add_argument("--host", help="control plane address (VORTEX_HOST, default 127.0.0.1)")
@@ -71,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
-    # The monitor logs every excursion and leak itself; the warnings would say it twice.
-    warnings.simplefilter("ignore", MemoryPressureWarning)
-    warnings.simplefilter("ignore", MemoryLeakWarning)
+    # The monitor logs every excursion and leak itself; Python warnings would say it twice.
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                    ("token", args.token)) if v is not None}
+    if "VORTEX_PYTHON_WARNINGS" not in os.environ:
+        overrides["python_warnings"] = False
     try:
         settings = load_settings(**overrides)
     except SettingsError as exc:

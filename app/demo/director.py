@@ -9,10 +9,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from app.api import ControlPlane, start_control_plane
-from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
+from app.backends import MemoryBackend, SimulatedBackend
+from app.backends import make_backend as make_memory_backend
 from app.config import Settings
 from app.demo.workload import MB, MODELS, CudaDevice, Device, SimulatedDevice, plan_slot
 from app.errors import MemoryPressureError
@@ -20,11 +19,6 @@ from app.guards import check_allocation, check_limits, install_monitor
 from app.monitor import VRAMMonitor
 
 logger = logging.getLogger(__name__)
-
-# An RTX 3060 "12GB" has 12 GiB; its CUDA context holds a few hundred MB.
-RTX_3060_BYTES = 12 * 2**30
-RTX_3060_CONTEXT_BYTES = 350 * MB
-
 
 @dataclass
 class DirectorStats:
@@ -35,21 +29,21 @@ class DirectorStats:
 
 
 def make_backend(
-    kind: str = "auto", settings: Settings | None = None
+    kind: str | None = None, settings: Settings | None = None
 ) -> tuple[MemoryBackend, Device]:
-    """``auto``: the first GPU if torch sees one, else the simulated card; ``cuda`` insists
-    on a GPU (``VortexInitializationError`` with the reason otherwise); ``simulated``."""
-    if kind == "simulated" or (kind == "auto" and not torch.cuda.is_available()):
-        backend = SimulatedBackend(RTX_3060_BYTES, context_bytes=RTX_3060_CONTEXT_BYTES)
-        return backend, SimulatedDevice(backend)
-    if kind not in ("auto", "cuda"):
-        raise ValueError(f"unknown backend {kind!r}: auto, cuda or simulated")
+    """The backend ``kind`` names (default: ``settings.backend``, ``VORTEX_BACKEND``) on
+    ``settings.device``, and the demo's device that allocates on it."""
+    index = 0 if settings is None else settings.device
     history = {} if settings is None else {
         "memory_history": settings.memory_history,
         "history_dir": settings.memory_history_dir,
         "max_dumps": settings.memory_history_max_dumps,
     }
-    return CudaBackend(0, **history), CudaDevice(0)
+    kind = kind or (settings.backend if settings is not None else "auto")
+    backend = make_memory_backend(kind, device=index, **history)
+    if isinstance(backend, SimulatedBackend):
+        return backend, SimulatedDevice(backend)
+    return backend, CudaDevice(index)
 
 
 class Director:
@@ -57,7 +51,7 @@ class Director:
         self,
         settings: Settings,
         *,
-        backend: str = "auto",
+        backend: str | None = None,
         slot_seconds: float = 0.25,
         work_ms: float = 0.0,
         pressure_every: int = 20,

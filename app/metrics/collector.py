@@ -1,7 +1,8 @@
 """A Prometheus collector that reads the monitor when scraped.
 
 Nothing is updated on the generation loop's hot path: every figure is read here, at scrape
-time, from one snapshot plus the monitor's counters and histograms.
+time, from one snapshot plus the monitor's counters, histograms and liveness. Every metric is
+listed, with its type, unit and meaning, in docs/metrics.md (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import torch
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,12 +19,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from app._version import __version__
 from app.monitor import VRAMMonitor
 from app.monitor.records import HistogramState
 
 logger = logging.getLogger(__name__)
 
 P = "icn_vortex_vram_"
+CLEANUP_REASONS = ("soft_limit", "hard_limit", "oom", "http", "manual", "admission")
 
 # name (without prefix) -> (help, snapshot attribute): device-wide gauges
 _GAUGES = {
@@ -30,8 +34,9 @@ _GAUGES = {
                     "usage_bytes"),
     "allocated_bytes": ("Bytes in live tensors (torch allocated).", "allocated_bytes"),
     "reserved_bytes": ("Bytes the caching allocator holds from the device.", "reserved_bytes"),
-    "peak_allocated_bytes": ("Allocator peak since its last reset (the monitor resets it per "
-                             "generation).", "peak_allocated_bytes"),
+    "stage_peak_allocated_bytes": ("Allocator peak since the running (or last) stage or "
+                                   "generation began: the monitor resets the peak register at "
+                                   "each.", "stage_peak_allocated_bytes"),
     "total_bytes": ("Device memory this process may use.", "device_total_bytes"),
     "free_bytes": ("Free device memory.", "device_free_bytes"),
     "non_torch_bytes": ("Device memory held outside torch: CUDA context, other processes.",
@@ -48,16 +53,17 @@ _GAUGES = {
 # name (without prefix and _total) -> (help, counters attribute)
 _COUNTERS = {
     "soft_limit_violations": ("Soft limit excursions.", "soft_limit_violations"),
-    "hard_limit_violations": ("Hard limit violations and refused allocations.",
+    "hard_limit_violations": ("Hard limit crossings and refused allocations.",
                               "hard_limit_violations"),
-    "emergency_cleanups": ("Emergency cleanups run.", "emergency_cleanups"),
     "cleanup_freed_bytes": ("Reserved bytes returned to the device by cleanups.",
                             "cleanup_freed_bytes"),
     "generations": ("Generations measured.", "generations"),
-    "generations_failed": ("Generations that ended in an exception.", "generations_failed"),
+    "generations_failed": ("Generations that ended in an exception (OOMs included).",
+                           "generations_failed"),
     "ooms_caught": ("CUDA OOMs that escaped the guards inside a generation.", "ooms_caught"),
-    "leak_warnings": ("Leak windows that grew past the threshold.", "leak_warnings"),
-    "monitor_errors": ("Backend reads that failed.", "monitor_errors"),
+    "leak_warnings": ("Leak reports of the automatic detection.", "leak_warnings"),
+    "backend_errors": ("Failed reads of the device by the monitor (the guards failed open).",
+                       "backend_errors"),
 }
 # from the allocator itself (snapshot attribute)
 _ALLOCATOR_COUNTERS = {
@@ -66,8 +72,10 @@ _ALLOCATOR_COUNTERS = {
     "allocator_ooms": ("OOMs the allocator raised (num_ooms).", "num_ooms"),
 }
 _HISTOGRAMS = {
-    "generation_peak_bytes": "Highest allocated bytes during each generation.",
-    "generation_delta_bytes": "Allocated bytes after minus before each generation.",
+    "generation_peak_bytes": ("peak", "Highest allocated bytes during each generation."),
+    "generation_activation_bytes": ("activation", "Peak minus allocated bytes before each "
+                                    "generation: what its activations took."),
+    "generation_delta_bytes": ("delta", "Allocated bytes after minus before each generation."),
 }
 
 
@@ -79,20 +87,31 @@ def _histogram(name: str, doc: str, device: str, h: HistogramState) -> Histogram
     return fam
 
 
+def _gauge(name: str, doc: str, device: str, value: float | None) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(P + name, doc, labels=["device"])
+    if value is not None:
+        g.add_metric([device], float(value))
+    return g
+
+
 class VRAMCollector:
-    """Register on the control plane's own ``CollectorRegistry``."""
+    """Register on the control plane's own ``CollectorRegistry``, or on a Director's."""
 
     def __init__(self, monitor: VRAMMonitor) -> None:
         self._monitor = monitor
+        backend = monitor.backend
+        self._build = {"version": __version__, "torch": torch.__version__,
+                       "cuda": torch.version.cuda or "", "device": monitor.device,
+                       "device_name": backend.name, "device_uuid": backend.uuid or ""}
 
     def describe(self) -> Iterator[Metric]:
         # Names and types only, so registering does not read the backend.
-        yield GaugeMetricFamily(P + "backend_up", "")
-        yield GaugeMetricFamily(P + "ready", "")
-        for name in _GAUGES:
+        for name in ("backend_up", "ready", "build_info", *_GAUGES,
+                     "leak_generations_to_hard_limit", "post_generation_allocated_bytes",
+                     "last_generation_timestamp_seconds", "generation_running_seconds"):
             yield GaugeMetricFamily(P + name, "")
-        yield GaugeMetricFamily(P + "leak_generations_to_hard_limit", "")
-        for name in (*_COUNTERS, *_ALLOCATOR_COUNTERS):
+        for name in (*_COUNTERS, *_ALLOCATOR_COUNTERS, "emergency_cleanups",
+                     "cleanup_failures"):
             yield CounterMetricFamily(P + name, "")
         for name in ("model_bytes", "model_budget_bytes", "model_over_budget"):
             yield GaugeMetricFamily(P + name, "")
@@ -102,65 +121,71 @@ class VRAMCollector:
     def collect(self) -> Iterator[Metric]:
         m = self._monitor
         device = m.device
-        labels = ["device"]
         try:
             snap = m.snapshot("scrape")
         except Exception:
             # The counters below still describe the node; the gauges would be lies.
             logger.exception("VRAM backend read failed during a scrape")
             snap = None
-        up = GaugeMetricFamily(P + "backend_up", "1 if the last backend read succeeded.",
-                               labels=labels)
-        up.add_metric([device], 0.0 if snap is None else 1.0)
-        yield up
-        ready = GaugeMetricFamily(P + "ready", "1 once pre-flight passed and models are "
-                                  "registered.", labels=labels)
-        ready.add_metric([device], 1.0 if m.preflight_passed and m.models() else 0.0)
-        yield ready
+        live = m.liveness()
+        yield _gauge("backend_up", "1 if the last backend read succeeded.", device,
+                     0.0 if snap is None else 1.0)
+        ready = m.preflight_passed and bool(m.models()) and not live.stalled
+        yield _gauge("ready", "1 once pre-flight passed and models are registered, while no "
+                     "generation is stalled (as /readyz).", device, 1.0 if ready else 0.0)
+        info = GaugeMetricFamily(P + "build_info", "Versions and the device, as labels; "
+                                 "always 1.", labels=list(self._build))
+        info.add_metric(list(self._build.values()), 1.0)
+        yield info
 
         if snap is not None:
             for name, (doc, attr) in _GAUGES.items():
-                g = GaugeMetricFamily(P + name, doc, labels=labels)
-                g.add_metric([device], float(getattr(snap, attr)))
-                yield g
-            left = snap.leak_generations_to_hard_limit
-            g = GaugeMetricFamily(
-                P + "leak_generations_to_hard_limit",
-                "Generations before the hard limit at the leak trend (absent when flat).",
-                labels=labels)
-            if left is not None:
-                g.add_metric([device], float(left))
-            yield g
+                yield _gauge(name, doc, device, getattr(snap, attr))
+            yield _gauge("leak_generations_to_hard_limit",
+                         "Generations before the hard limit at the leak trend (absent when "
+                         "flat).", device, snap.leak_generations_to_hard_limit)
             for name, (doc, attr) in _ALLOCATOR_COUNTERS.items():
-                c = CounterMetricFamily(P + name, doc, labels=labels)
+                c = CounterMetricFamily(P + name, doc, labels=["device"])
                 c.add_metric([device], float(getattr(snap, attr)))
                 yield c
+        yield _gauge("post_generation_allocated_bytes", "Allocated bytes after the last "
+                     "generation: the level leak detection watches.", device,
+                     live.post_generation_allocated_bytes)
+        yield _gauge("last_generation_timestamp_seconds", "Unix time the last generation "
+                     "ended (absent before the first).", device, live.last_generation_at)
+        yield _gauge("generation_running_seconds", "How long the running generation has "
+                     "run; 0 when idle.", device, live.running_s)
 
         counters = m.counters()
         for name, (doc, attr) in _COUNTERS.items():
-            c = CounterMetricFamily(P + name, doc, labels=labels)
+            c = CounterMetricFamily(P + name, doc, labels=["device"])
             c.add_metric([device], float(getattr(counters, attr)))
             yield c
+        ran, failed = m.cleanups_by_reason()
+        for name, doc, counts in (
+                ("emergency_cleanups", "Emergency cleanups run, by who asked for them.", ran),
+                ("cleanup_failures", "Emergency cleanups that failed, by who asked for them.",
+                 failed)):
+            c = CounterMetricFamily(P + name, doc, labels=["device", "reason"])
+            for reason in sorted(set(CLEANUP_REASONS) | set(counts)):
+                c.add_metric([device, reason], float(counts.get(reason, 0)))
+            yield c
 
-        models = m.models()
-        mb = GaugeMetricFamily(P + "model_bytes", "Resident bytes of each model.",
-                               labels=["device", "model"])
+        yield from self._models(device)
+        histograms = m.histograms()
+        for name, (field, doc) in _HISTOGRAMS.items():
+            yield _histogram(P + name, doc, device, getattr(histograms, field))
+
+    def _models(self, device: str) -> Iterator[Metric]:
+        labels = ["device", "model"]
+        mb = GaugeMetricFamily(P + "model_bytes", "Resident bytes of each model.", labels=labels)
         mbud = GaugeMetricFamily(P + "model_budget_bytes", "Budget of each model.",
-                                 labels=["device", "model"])
+                                 labels=labels)
         mover = GaugeMetricFamily(P + "model_over_budget",
-                                  "1 if the model holds more than its budget.",
-                                  labels=["device", "model"])
-        for rec in models:
+                                  "1 if the model holds more than its budget.", labels=labels)
+        for rec in self._monitor.models():
             mb.add_metric([device, rec.name], float(rec.vram_bytes))
             if rec.budget_bytes is not None:
                 mbud.add_metric([device, rec.name], float(rec.budget_bytes))
                 mover.add_metric([device, rec.name], 1.0 if rec.over_budget else 0.0)
-        yield mb
-        yield mbud
-        yield mover
-
-        peak, delta = m.histograms()
-        yield _histogram(P + "generation_peak_bytes", _HISTOGRAMS["generation_peak_bytes"],
-                         device, peak)
-        yield _histogram(P + "generation_delta_bytes", _HISTOGRAMS["generation_delta_bytes"],
-                         device, delta)
+        yield from (mb, mbud, mover)

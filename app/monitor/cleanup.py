@@ -1,4 +1,27 @@
-"""Emergency cleanup: gc + empty_cache, with a cooldown for the callers that need one."""
+"""Emergency cleanup (gc + empty_cache): who may run one when, and on which thread.
+
+**Clocks.** On an H200, a thread calling ``empty_cache`` in a loop made another thread's
+allocation loop 9x slower, so cleanups that are merely useful are spaced by ``cooldown_s``.
+Each kind has a clock of its own, so one kind never blocks another:
+
+* ``soft_limit`` and ``http`` share the *discretionary* clock: both release cache that nothing
+  is waiting for, and an operator's cleanup right after an automatic one would free nothing;
+* ``hard_limit`` has its own clock, which binds only the cleanups that cannot change the
+  outcome (on the ``allocated`` basis, or when the cache is too small): a cleanup that can
+  bring usage back under the hard limit is a recovery and always runs (``cooldown=False``);
+* ``oom``, ``admission`` and ``manual`` (a direct call in code) always run.
+
+A cleanup that fails does not claim its clock: a healthy retry may run at once.
+
+**Threads.** On CUDA, ``empty_cache`` frees cached blocks on every device with ``cudaFree``,
+which synchronises the device, and holds the allocator's mutex meanwhile; ``gc.collect``
+stalls every Python thread. Run from the HTTP thread in the middle of a slot, it would stall
+the slot's kernels and allocations at a moment nobody chose. So while a generation runs, a
+requested cleanup is only *registered*; the generation thread carries it out at its next
+boundary (a guard call, a stage's start or end, the slot's end), where the slot's own work is
+between two steps anyway. With no generation running, or when asked from the generation
+thread itself, it runs at once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +29,8 @@ import gc
 import logging
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from app.backends import MemoryBackend
 from app.errors import CleanupCooldownError
@@ -13,73 +38,198 @@ from app.monitor.records import GB, MB, CleanupResult, to_gb, utc_timestamp
 
 logger = logging.getLogger(__name__)
 
+_CLOCKS = {"soft_limit": "discretionary", "http": "discretionary", "hard_limit": "hard_limit"}
+FAILURE_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(eq=False)
+class PendingCleanup:
+    """A cleanup registered for the generation thread; every requester waits on ``done``."""
+
+    reason: str
+    done: threading.Event = field(default_factory=threading.Event)
+    result: CleanupResult | None = None
+    error: Exception | None = None
+
 
 class CleanupRunner:
-    """Runs cleanups and owns their clock and totals under one lock; a second lock only
-    serialises the slow part (gc can take 100 ms), so nothing else ever waits on it.
-
-    On an H200, a thread calling ``empty_cache`` in a loop made another thread's allocation
-    loop 9x slower: automatic and HTTP cleanups therefore obey ``cooldown_s``; a direct call
-    in code always runs.
-    """
+    """Runs cleanups and owns their clocks, totals and the pending request under one lock;
+    a second lock only serialises the slow part (gc can take 100 ms), so nothing else ever
+    waits on it."""
 
     def __init__(self, backend: MemoryBackend, cooldown_s: float) -> None:
         self._backend = backend
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
         self._running = threading.Lock()
-        self._last_at: float | None = None  # monotonic start of the last cleanup
+        # --- guarded by _lock ---
+        self._clock_at: dict[str, float] = {}  # clock -> monotonic start of its last cleanup
+        self._last_by_clock: dict[str, CleanupResult] = {}
         self._last: CleanupResult | None = None
-        self._count = 0
+        self._counts: Counter[str] = Counter()
+        self._failures: Counter[str] = Counter()
         self._freed_total = 0
+        self._last_failure_log: float | None = None
+        self._generation_thread: int | None = None
+        # Read without the lock by the guards on every call, as a hint: None is the fast path.
+        self.pending: PendingCleanup | None = None
 
-    def run(self, reason: str, *, respect_cooldown: bool) -> CleanupResult:
-        """Raises ``CleanupCooldownError`` within the cooldown when ``respect_cooldown``."""
+    # -- running one ---------------------------------------------------------------------------
+
+    def run(self, reason: str, *, cooldown: bool = True) -> CleanupResult:
+        """Run a cleanup now. Raises ``CleanupCooldownError`` when ``cooldown`` and the
+        reason's clock is within ``cooldown_s`` of its last cleanup; re-raises a failure of
+        the backend after counting it (the clock is then left as it was)."""
+        clock = _CLOCKS.get(reason)
         now = time.monotonic()
         with self._lock:
-            if respect_cooldown and self._last_at is not None:
-                left = self._last_at + self.cooldown_s - now
-                if left > 0:
-                    raise CleanupCooldownError(left)
-            self._last_at = now  # claim the slot before the slow part
-        with self._running:
-            t0 = time.perf_counter()
-            before = self._backend.sample()
-            gc.collect()
-            self._backend.empty_cache()
-            after = self._backend.sample()
-            duration = time.perf_counter() - t0
+            if cooldown:
+                self._check_clock(clock, now)
+            previous = self._clock_at.get(clock) if clock else None
+            if clock:
+                self._clock_at[clock] = now  # claim it before the slow part
+        try:
+            with self._running:
+                t0 = time.perf_counter()
+                before = self._backend.sample()
+                gc.collect()
+                self._backend.empty_cache()
+                after = self._backend.sample()
+                duration = time.perf_counter() - t0
+        except Exception as exc:
+            self._failed(reason, clock, previous, exc)
+            raise
         freed = max(0, before.reserved_bytes - after.reserved_bytes)
         result = CleanupResult(reason, freed, before.reserved_bytes, after.reserved_bytes,
                                after.allocated_bytes, duration, utc_timestamp())
         with self._lock:
-            self._count += 1
+            self._counts[reason] += 1
             self._freed_total += freed
             self._last = result
+            if clock:
+                self._last_by_clock[clock] = result
         logger.info(
-            "Emergency cleanup freed %.0fMB (%.2fGB → %.2fGB)", freed / MB,
-            before.reserved_bytes / GB, after.reserved_bytes / GB,
+            "Emergency cleanup freed %.0fMB (%.2fGB → %.2fGB), reason=%s", freed / MB,
+            before.reserved_bytes / GB, after.reserved_bytes / GB, reason,
             extra={"vram_event": "emergency_cleanup", "reason": reason, "freed_mb": freed / MB,
                    "reserved_before_gb": to_gb(before.reserved_bytes),
                    "reserved_after_gb": to_gb(after.reserved_bytes),
-                   "device": self._backend.device},
+                   "duration_s": round(duration, 4), "device": self._backend.device},
         )
         return result
 
-    def retry_after(self) -> float:
+    def _check_clock(self, clock: str | None, now: float) -> None:
+        if clock is None or clock not in self._clock_at:
+            return
+        left = self._clock_at[clock] + self.cooldown_s - now
+        if left > 0:
+            raise CleanupCooldownError(left, self._last_by_clock.get(clock))
+
+    def _failed(self, reason: str, clock: str | None, previous: float | None,
+                exc: Exception) -> None:
+        now = time.monotonic()
         with self._lock:
-            if self._last_at is None:
-                return 0.0
-            return max(0.0, self._last_at + self.cooldown_s - time.monotonic())
+            self._failures[reason] += 1
+            if clock is not None:
+                if previous is None:
+                    self._clock_at.pop(clock, None)
+                else:
+                    self._clock_at[clock] = previous
+            log = (self._last_failure_log is None
+                   or now - self._last_failure_log >= FAILURE_LOG_INTERVAL_S)
+            if log:
+                self._last_failure_log = now
+        if log:
+            logger.error("Emergency cleanup failed, reason=%s: %s: %s", reason,
+                         type(exc).__name__, exc,
+                         extra={"vram_event": "cleanup_failed", "reason": reason,
+                                "device": self._backend.device})
+
+    # -- requests from other threads -------------------------------------------------------
+
+    def request(self, reason: str, wait_s: float) -> CleanupResult | None:
+        """A cleanup that obeys its clock, run where the allocator is in use.
+
+        Runs at once when no generation is running or when called from the generation thread;
+        otherwise registers it for the generation thread (joining one already registered, so
+        it runs once however many asked) and waits up to ``wait_s`` for its result. Returns
+        ``None`` when it is still scheduled after the wait.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            pending = self.pending
+            if pending is None:
+                self._check_clock(_CLOCKS.get(reason), time.monotonic())
+                if self._generation_thread in (None, me):
+                    run_now = True
+                else:
+                    run_now = False
+                    pending = self.pending = PendingCleanup(reason)
+            else:
+                run_now = False
+        if run_now:
+            return self.run(reason)
+        if not pending.done.wait(wait_s):
+            return None
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def enter_generation(self) -> None:
+        with self._lock:
+            self._generation_thread = threading.get_ident()
+
+    def leave_generation(self) -> None:
+        """The slot ended, however it ended: carry out what was asked for meanwhile."""
+        with self._lock:
+            self._generation_thread = None
+            pending, self.pending = self.pending, None
+        if pending is not None:
+            self._fulfil(pending)
+
+    def run_pending(self) -> None:
+        """At a boundary of the generation thread: carry out a registered cleanup, if any."""
+        with self._lock:
+            pending = self.pending
+            if pending is None or self._generation_thread != threading.get_ident():
+                return
+            self.pending = None
+        self._fulfil(pending)
+
+    def _fulfil(self, pending: PendingCleanup) -> None:
+        # Admitted when it was registered: no second cooldown check. A failure goes to the
+        # requesters (and the counters), never into the generation loop.
+        try:
+            pending.result = self.run(pending.reason, cooldown=False)
+        except Exception as exc:
+            pending.error = exc
+        finally:
+            pending.done.set()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def retry_after(self, reason: str = "http") -> float:
+        """Seconds until a cleanup for ``reason`` may run again; 0 when it may run now."""
+        clock = _CLOCKS.get(reason)
+        with self._lock:
+            at = self._clock_at.get(clock) if clock else None
+        return 0.0 if at is None else max(0.0, at + self.cooldown_s - time.monotonic())
 
     @property
     def count(self) -> int:
-        return self._count
-
-    def totals(self) -> tuple[int, int]:
-        """(cleanups run, reserved bytes they freed)."""
         with self._lock:
-            return self._count, self._freed_total
+            return sum(self._counts.values())
+
+    def totals(self) -> tuple[int, int, int]:
+        """(cleanups run, reserved bytes they freed, cleanups that failed)."""
+        with self._lock:
+            return (sum(self._counts.values()), self._freed_total,
+                    sum(self._failures.values()))
+
+    def by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(cleanups run, cleanups failed), each by reason."""
+        with self._lock:
+            return dict(self._counts), dict(self._failures)
 
     def last(self) -> CleanupResult | None:
         with self._lock:

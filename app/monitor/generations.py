@@ -1,18 +1,21 @@
-"""Per-slot bookkeeping: the slot running, its peaks, recent records, histograms, leaks."""
+"""Per-slot bookkeeping: the slot running, its peaks, recent records, histograms, leaks and
+liveness."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import replace
 
-from app.monitor.histogram import DELTA_BOUNDS, PEAK_BOUNDS, Histogram
-from app.monitor.leak import LeakWindow, trend
+from app.monitor.histogram import ACTIVATION_BOUNDS, DELTA_BOUNDS, PEAK_BOUNDS, Histogram
+from app.monitor.leak import LeakDetector
 from app.monitor.records import (
     GenerationRecord,
     HistogramState,
     LeakFinding,
     LeakTrend,
+    Liveness,
 )
 
 HISTORY = 100  # generation records kept for the control plane
@@ -29,14 +32,17 @@ class GenerationTracker:
 
     def __init__(self, leak_window: int, leak_threshold_bytes: int, hard_limit_bytes: int) -> None:
         self._lock = threading.Lock()
-        self._hard_limit_bytes = hard_limit_bytes
         self._active: GenerationRecord | None = None
+        self._active_since: float | None = None  # monotonic start of the running slot
+        self._last_finished_at: float | None = None  # Unix time of the last slot's end
         self._peak_carry = 0
         self._open_stages: list[list] = []  # [name, running peak], innermost last
         self._history: deque[GenerationRecord] = deque(maxlen=HISTORY)
         self._peak_hist = Histogram(PEAK_BOUNDS)
+        self._activation_hist = Histogram(ACTIVATION_BOUNDS)
         self._delta_hist = Histogram(DELTA_BOUNDS)
-        self._leak = LeakWindow(leak_window, leak_threshold_bytes)
+        self._leak = LeakDetector(leak_window, leak_threshold_bytes, hard_limit_bytes)
+        self._post_generation_bytes: int | None = None
         self._generations = 0
         self._failed = 0
         self._ooms = 0
@@ -52,6 +58,7 @@ class GenerationTracker:
                     "one generation at a time per monitor"
                 )
             self._active = GenerationRecord(slot, allocated_before)
+            self._active_since = time.monotonic()
             self._peak_carry = allocated_before
             self._open_stages = []
             return self._active
@@ -93,6 +100,8 @@ class GenerationTracker:
             record.status = status
             record.measured = before_bytes is not None and after is not None
             self._active = None
+            self._active_since = None
+            self._last_finished_at = time.time()
             self._open_stages = []
             self._generations += 1
             if status != "ok":
@@ -105,37 +114,43 @@ class GenerationTracker:
                 record.delta_bytes = allocated - before_bytes
                 record.peak_bytes = max(self._peak_carry, peak)
                 self._peak_hist.observe(record.peak_bytes)
+                self._activation_hist.observe(record.activation_peak_bytes)
                 self._delta_hist.observe(record.delta_bytes)
                 finding = self._observe_leak(before_bytes, allocated)
             self._history.append(replace(record, stage_peaks_bytes=dict(record.stage_peaks_bytes)))
         return finding
 
-    def count_unrecorded(self, allocated: int) -> LeakFinding | None:
-        """A generation run without ``generation()`` (the card's increment_generation_count)."""
+    def count_unrecorded(self, allocated: int | None) -> LeakFinding | None:
+        """A generation run without ``generation()`` (the card's increment_generation_count);
+        ``None`` when the backend could not be read: counted, not measured."""
         with self._lock:
             self._generations += 1
+            self._last_finished_at = time.time()
+            if allocated is None:
+                return None
             return self._observe_leak(allocated, allocated)
 
     def _observe_leak(self, before: int, after: int) -> LeakFinding | None:
-        finding = self._leak.observe(before, after, self._generations, self._hard_limit_bytes)
+        self._post_generation_bytes = after
+        finding = self._leak.observe(before, after, self._generations)
         if finding is not None:
             self._leak_warnings += 1
         return finding
 
-    def check_against_baseline(self, now: int, threshold_bytes: int) -> LeakFinding | None:
-        """The card's detect_memory_leak: the first call sets the baseline."""
+    # -- leaks --------------------------------------------------------------------------------
+
+    def card_leak_baseline(self, now: int) -> tuple[int, bool]:
+        """The card's detect_memory_leak baseline: (bytes, set by this call)."""
         with self._lock:
-            baseline = self._leak.baseline_bytes
-            if baseline is None:
-                self._leak.baseline_bytes = now
-                return None
-            if now - baseline <= threshold_bytes:
-                return None
-            self._leak_warnings += 1
-            samples, generations = list(self._leak.samples), self._generations
-        t = trend(samples, self._hard_limit_bytes)
-        return LeakFinding(baseline, now, generations, self._leak.window,
-                           t.bytes_per_generation, t.generations_to_hard_limit)
+            return self._leak.card_baseline(now)
+
+    def rebase_leak(self, delta_bytes: int) -> None:
+        with self._lock:
+            self._leak.rebase(delta_bytes)
+
+    def leak_trend(self) -> LeakTrend:
+        with self._lock:
+            return self._leak.trend()
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -143,19 +158,29 @@ class GenerationTracker:
     def generations(self) -> int:
         return self._generations
 
+    @property
+    def started(self) -> bool:
+        """Whether any generation has run (the leak baselines exist)."""
+        return self._leak.first_level_bytes is not None
+
     def counts(self) -> tuple[int, int, int, int]:
         """(generations, failed, OOMs caught, leak warnings)."""
         with self._lock:
             return self._generations, self._failed, self._ooms, self._leak_warnings
 
-    def leak_trend(self) -> LeakTrend:
+    def liveness(self, stall_after_s: float) -> Liveness:
         with self._lock:
-            samples = list(self._leak.samples)
-        return trend(samples, self._hard_limit_bytes)
+            slot = None if self._active is None else self._active.slot
+            since = self._active_since
+            last, post = self._last_finished_at, self._post_generation_bytes
+        running_s = 0.0 if since is None else time.monotonic() - since
+        return Liveness(since is not None, slot, running_s, running_s > stall_after_s, last, post)
 
-    def histograms(self) -> tuple[HistogramState, HistogramState]:
+    def histograms(self) -> tuple[HistogramState, HistogramState, HistogramState]:
+        """(peak, activation, delta) bytes of the generations so far."""
         with self._lock:
-            return self._peak_hist.state(), self._delta_hist.state()
+            return (self._peak_hist.state(), self._activation_hist.state(),
+                    self._delta_hist.state())
 
     def recent(self) -> list[GenerationRecord]:
         with self._lock:

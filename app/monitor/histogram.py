@@ -1,4 +1,7 @@
-"""A fixed-bucket histogram the monitor fills and the metrics collector reads."""
+"""Fixed-bucket histograms the monitor fills and the metrics collector reads.
+
+Bucket choices are justified in docs/metrics.md ("Histogram buckets").
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,22 @@ from bisect import bisect_left
 
 from app.monitor.records import HistogramState
 
-# Absolute peak bytes of a generation: fine around a 12 GB card's limits, coarse elsewhere.
+GB = 1e9
+# Absolute peak bytes of a generation: 100 MB steps across 10-12 GB, where a 12 GB card's
+# limits sit and nearly every peak lands; coarse elsewhere for other cards.
 PEAK_BOUNDS = (
-    1e9, 2e9, 4e9, 6e9, 8e9, 9e9, 10e9, 10.5e9, 11e9, 11.5e9, 12e9, 16e9, 24e9, 48e9, 80e9, 141e9,
+    1 * GB, 2 * GB, 4 * GB, 6 * GB, 8 * GB, 9 * GB,
+    *(round(10 * GB + i * 0.1 * GB) for i in range(21)),  # 10.0, 10.1, ... 12.0 GB
+    16 * GB, 24 * GB, 48 * GB, 80 * GB, 141 * GB,
 )
-# Allocated after minus before: near zero for a healthy slot; either sign.
-DELTA_BOUNDS = (-1e9, -1e8, -1e7, -1e6, 0.0, 1e6, 1e7, 1e8, 1e9)
+# Peak minus the level before the slot (what the slot's activations took): 10 MB to 2 GB,
+# roughly logarithmic, so a 50 MB slot and a 1.5 GB spike both land in a bucket of their size.
+ACTIVATION_BOUNDS = (
+    10e6, 20e6, 50e6, 100e6, 150e6, 200e6, 300e6, 400e6, 500e6, 700e6, 1e9, 1.5e9, 2e9,
+)
+# Allocated after minus before: exactly 0 for a healthy slot, so bounds at -1 and 0 keep the
+# zeros in a bucket of their own instead of being interpolated across (-1 MB, 0].
+DELTA_BOUNDS = (-1e9, -1e8, -1e7, -1e6, -1.0, 0.0, 1e6, 1e7, 1e8, 1e9)
 
 
 class Histogram:

@@ -1,11 +1,22 @@
-"""Slow-leak detection over a window of generations.
+"""Slow-leak detection over the figures left allocated after each generation.
 
-A leak shows in what stays allocated *after* a generation, once its activations are freed,
-so only post-generation figures are watched and spikes inside a slot never count. The window
-closes on its last generation (the 100th by default) and compares the level it settled at
-(the lowest of its last few post-generation figures, so one slot that ends holding a little
-more does not look like a leak) with the figure before its first generation; the report
-then names the last figure, as the task card's message does.
+A leak shows in what stays allocated *after* a generation, once its activations are freed, so
+only post-generation figures are watched and spikes inside a slot never count. A level is the
+lowest of the last few post-generation figures ("settled"), so one slot that ends holding a
+little more does not look like a leak.
+
+Two checks run each time a window of ``window`` generations closes (the 100th by default):
+
+* **window**: the settled level against the level before the window's first generation, the
+  task card's "delta > 100 MB after 100 consecutive generations": it catches fast leaks;
+* **cumulative**: the settled level against an origin taken before the first generation, so a
+  leak too slow to cross the threshold within one window (under threshold / window, 1 MB a
+  generation by default) is still reported once its total passes the threshold. After a report
+  the origin moves to the reported level: a leak that goes on is reported again each time it
+  grows by another threshold, and a one-off step is reported once.
+
+The task card's ``detect_memory_leak()`` has a baseline of its own (see ``card_baseline``), so
+neither API can move the other's.
 """
 
 from __future__ import annotations
@@ -32,36 +43,72 @@ def trend(samples: list[int], hard_limit_bytes: int) -> LeakTrend:
     return LeakTrend(n, slope, left)
 
 
-class LeakWindow:
-    """Not thread-safe: the monitor owns one and calls it under its lock."""
+class LeakDetector:
+    """Owns the leak baselines. Not thread-safe: its owner calls it under its own lock."""
 
-    def __init__(self, window: int, threshold_bytes: int) -> None:
+    def __init__(self, window: int, threshold_bytes: int, hard_limit_bytes: int) -> None:
         self.window = window
         self.threshold_bytes = threshold_bytes
-        self.baseline_bytes: int | None = None
-        self._in_window = 0
+        self._hard_limit_bytes = hard_limit_bytes
         self._settle = max(1, window // 20)
+        self.first_level_bytes: int | None = None  # before the very first generation; fixed
+        self._origin: int | None = None  # the cumulative check's baseline
+        self._since_origin = 0
+        self._window_start: int | None = None
+        self._in_window = 0
+        self._card_baseline: int | None = None
         # The trend looks at the last `window` generations whatever window they fell in.
         self.samples: deque[int] = deque(maxlen=max(window, 2))
 
-    def observe(
-        self, before_bytes: int, after_bytes: int, generations: int, hard_limit_bytes: int
-    ) -> LeakFinding | None:
-        if self.baseline_bytes is None:
-            self.baseline_bytes = before_bytes
+    def observe(self, before_bytes: int, after_bytes: int, generations: int) -> LeakFinding | None:
+        """One generation: allocated before and after it; ``generations`` counts it."""
+        if self.first_level_bytes is None:
+            self.first_level_bytes = before_bytes
+        if self._origin is None:
+            self._origin = before_bytes
+        if self._window_start is None:
+            self._window_start = before_bytes
         self.samples.append(after_bytes)
         self._in_window += 1
+        self._since_origin += 1
         if self._in_window < self.window:
             return None
-        recent = list(self.samples)
-        settled = min(recent[-min(self._settle, self._in_window):])
-        baseline = self.baseline_bytes
-        self.baseline_bytes = after_bytes
-        self._in_window = 0
-        if settled - baseline <= self.threshold_bytes:
+        settled = min(list(self.samples)[-self._settle:])
+        window_start, in_window = self._window_start, self._in_window
+        self._window_start, self._in_window = None, 0
+        if settled - self._origin >= settled - window_start:
+            initial, span = self._origin, self._since_origin
+        else:
+            initial, span = window_start, in_window
+        if settled - initial <= self.threshold_bytes:
             return None
-        t = trend(recent, hard_limit_bytes)
-        return LeakFinding(
-            baseline, after_bytes, generations, self.window,
-            t.bytes_per_generation, t.generations_to_hard_limit,
-        )
+        self._origin, self._since_origin = settled, 0
+        t = trend(list(self.samples), self._hard_limit_bytes)
+        return LeakFinding(initial, after_bytes, span, generations,
+                           t.bytes_per_generation, t.generations_to_hard_limit)
+
+    def rebase(self, delta_bytes: int) -> None:
+        """Memory that was added on purpose (a model loaded between generations) is not a
+        leak: move the automatic baselines by it. The card's baseline stays where it is."""
+        if self._origin is not None:
+            self._origin += delta_bytes
+        if self._window_start is not None:
+            self._window_start += delta_bytes
+        self.samples.clear()
+
+    def card_baseline(self, now_bytes: int) -> tuple[int, bool]:
+        """(baseline, was it set by this call) for the task card's ``detect_memory_leak``.
+
+        Set on the first call and never moved: to the level before the first generation if
+        generations ran before that call, else to ``now_bytes``.
+        """
+        if self._card_baseline is not None:
+            return self._card_baseline, False
+        if self.first_level_bytes is not None:
+            self._card_baseline = self.first_level_bytes
+            return self._card_baseline, False  # it predates this call: compare at once
+        self._card_baseline = now_bytes
+        return now_bytes, True
+
+    def trend(self) -> LeakTrend:
+        return trend(list(self.samples), self._hard_limit_bytes)

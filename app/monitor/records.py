@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -53,12 +53,12 @@ class LeakTrend:
 
 @dataclass(frozen=True, slots=True)
 class LeakFinding:
-    """A window whose allocated memory grew past the threshold."""
+    """Allocated memory after generations grew past the threshold over ``generations`` slots."""
 
     initial_bytes: int
     current_bytes: int
-    generations: int  # the monitor's generation count when the window closed
-    window: int
+    generations: int  # slots between the two figures
+    total_generations: int  # the monitor's generation count when it was found
     bytes_per_generation: float
     generations_to_hard_limit: float | None
 
@@ -69,6 +69,9 @@ class LeakFinding:
 
 @dataclass(frozen=True, slots=True)
 class CleanupResult:
+    """One cleanup that ran. ``reason`` says who asked for it: ``soft_limit``, ``hard_limit``,
+    ``oom``, ``http``, ``manual`` (a direct call) or ``admission``."""
+
     reason: str
     freed_bytes: int
     reserved_before_bytes: int
@@ -126,6 +129,24 @@ class HistogramState:
         return self.cumulative_counts[-1]
 
 
+class Histograms(NamedTuple):
+    peak: HistogramState  # highest allocated bytes during each generation
+    activation: HistogramState  # peak minus the level before the generation
+    delta: HistogramState  # allocated after minus before
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """Whether the generation loop moves: the slot running and for how long, the last one's end."""
+
+    running: bool
+    slot: int | None
+    running_s: float  # 0 when idle
+    stalled: bool  # the running slot passed stall_after_s
+    last_generation_at: float | None  # Unix time the last generation ended; None before one
+    post_generation_allocated_bytes: int | None  # allocated after it: the level leaks show in
+
+
 @dataclass(frozen=True, slots=True)
 class MonitorCounters:
     soft_limit_violations: int
@@ -136,7 +157,8 @@ class MonitorCounters:
     generations_failed: int
     ooms_caught: int
     leak_warnings: int
-    monitor_errors: int
+    backend_errors: int  # failed reads of the device by the monitor: the guards were blind
+    cleanup_failures: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +173,13 @@ class VRAMSnapshot:
     vram_reserved_gb: float
     models: Mapping[str, float]
     device: str
+    device_name: str
+    device_uuid: str | None  # as nvidia-smi prints it; cuda:N moves with CUDA_VISIBLE_DEVICES
     limit_basis: str
     usage_bytes: int
     allocated_bytes: int
     reserved_bytes: int
-    peak_allocated_bytes: int
+    stage_peak_allocated_bytes: int  # allocator peak since the running (or last) stage began
     inactive_split_bytes: int
     fragmentation_ratio: float  # inactive split / reserved: cached memory empty_cache can't return
     device_free_bytes: int

@@ -131,7 +131,8 @@ def test_case_6_emergency_cleanup_on_soft_limit(card, caplog):
     after = card.sample()
     assert after.reserved_bytes == pytest.approx(10.95 * GB, abs=5 * MB)  # measured again
     (rec,) = [r for r in caplog.records if r.getMessage().startswith("Emergency cleanup")]
-    assert re.fullmatch(r"Emergency cleanup freed 15\dMB \(11\.10GB → 10\.95GB\)", rec.getMessage())
+    assert re.fullmatch(r"Emergency cleanup freed 15\dMB \(11\.10GB → 10\.95GB\), "
+                        r"reason=soft_limit", rec.getMessage())
 
 
 def test_case_7_snapshot_json(monitor, card, caplog):

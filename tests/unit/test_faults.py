@@ -17,7 +17,7 @@ def test_guards_fail_open_when_reads_fail_and_count_it(monitor, card, caplog):
         for _ in range(1000):
             assert monitor.check_limits("blind") is None
             assert monitor.check_allocation(5 * GB, "blind") is None  # not refused: fail open
-    assert monitor.counters().monitor_errors == 2000
+    assert monitor.counters().backend_errors == 2000
     errors = [r for r in caplog.records if "backend read failed" in r.getMessage()]
     assert len(errors) == 1  # rate-limited: a dead backend does not flood the log
     assert monitor.hard_limit_violations == 0
@@ -35,8 +35,7 @@ def test_generation_runs_unmeasured_when_reads_fail(monitor, card):
         card.free(h)
     assert rec.status == "ok" and rec.measured is False
     assert monitor.generation_count == 1
-    peak, _ = monitor.histograms()
-    assert peak.count == 0  # no made-up figures
+    assert monitor.histograms().peak.count == 0  # no made-up figures
     card.set_faults(reads=False)
     with monitor.generation(2) as rec:
         pass
@@ -49,7 +48,8 @@ def test_failing_empty_cache_does_not_mask_the_hard_limit(card):
     card.set_faults(empty_cache=True)
     with pytest.raises(MemoryPressureError):  # not the backend's RuntimeError
         monitor.check_limits()
-    assert monitor.counters().monitor_errors == 1
+    c = monitor.counters()
+    assert c.cleanup_failures == 1 and c.backend_errors == 0  # a cleanup is not a read
     assert monitor.emergency_cleanups == 0
     with pytest.raises(RuntimeError, match="empty_cache"):
         monitor.emergency_cleanup()  # a direct call reports the failure to its caller

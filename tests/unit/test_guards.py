@@ -26,7 +26,17 @@ def test_guards_use_the_installed_monitor(card):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
-def test_without_cuda_the_default_monitor_says_why(monkeypatch, tmp_path):
+def test_without_cuda_a_cuda_monitor_says_why(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VORTEX_BACKEND", "cuda")
     with pytest.raises(VortexInitializationError, match=r"CUDA is not available.*SimulatedBackend"):
         app.check_limits()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+def test_without_cuda_auto_falls_back_to_the_simulated_card_loudly(monkeypatch, tmp_path, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VORTEX_BACKEND", raising=False)
+    assert app.check_limits() == 0
+    assert app.get_monitor().device == "sim:0"
+    assert any(r.levelname == "WARNING" and "SIMULATED" in r.getMessage() for r in caplog.records)

@@ -75,20 +75,23 @@ def test_no_cleanup_when_disabled(card):
     assert monitor.emergency_cleanups == 0
 
 
-def test_cleanup_cooldown_binds_automatic_and_requested_cleanups_not_direct_ones(card):
+def test_cleanup_clocks_bind_automatic_and_requested_cleanups_not_direct_ones(card):
     monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=3600)
     allocate_exact(card, int(11.6 * GB))
     for _ in range(5):
         with pytest.raises(MemoryPressureError):
             monitor.check_limits()
-    assert monitor.emergency_cleanups == 1  # the first one; the rest fell in the cooldown
+    # On the allocated basis a cleanup cannot clear the violation: the first one ran, the
+    # rest fell in the hard-limit clock's cooldown.
+    assert monitor.emergency_cleanups == 1
+    assert monitor.request_cleanup("http").reason == "http"  # another clock: not blocked
     with pytest.raises(CleanupCooldownError) as err:
         monitor.request_cleanup("http")
     assert 3590 < err.value.retry_after_s <= 3600
     assert 3590 < monitor.cleanup_retry_after() <= 3600
     card.free(card.allocate(100 << 20))
     assert monitor.emergency_cleanup() == 100 << 20  # a direct call always runs
-    assert monitor.emergency_cleanups == 2
+    assert monitor.emergency_cleanups == 3
     assert monitor.last_cleanup().reason == "manual"
     assert monitor.counters().cleanup_freed_bytes >= 100 << 20
 
@@ -175,8 +178,9 @@ def test_generation_delta_peak_and_stage_peaks(monitor, card):
     assert rec.peak_bytes == flux  # the flux stage's peak survives the later reset
     assert rec.activation_peak_bytes == flux - resident
     assert monitor.generation_count == 1
-    peak_hist, delta_hist = monitor.histograms()
-    assert peak_hist.count == 1 and delta_hist.total == 10 << 20
+    hists = monitor.histograms()
+    assert hists.peak.count == 1 and hists.delta.total == 10 << 20
+    assert hists.activation.total == rec.activation_peak_bytes
     assert monitor.recent_generations()[-1].slot == 42
     assert out
 

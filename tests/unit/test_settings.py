@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from app import SimulatedBackend, VRAMMonitor
@@ -92,3 +94,96 @@ def test_missing_yaml_fails_naming_the_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("VORTEX_CONFIG_FILE", str(tmp_path / "absent.yaml"))
     with pytest.raises(SettingsError, match="VORTEX_CONFIG_FILE"):
         load_settings()
+
+
+# ---------------------------------------------------------------- the backend from settings
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [({"VORTEX_BACKEND": "gpu"}, "VORTEX_BACKEND"), ({"VORTEX_DEVICE": "-1"}, "VORTEX_DEVICE"),
+     ({"VORTEX_DEVICE": "first"}, "VORTEX_DEVICE"),
+     ({"VORTEX_STALL_AFTER_S": "0"}, "VORTEX_STALL_AFTER_S"),
+     ({"VORTEX_PYTHON_WARNINGS": "sometimes"}, "VORTEX_PYTHON_WARNINGS")],
+)
+def test_bad_backend_settings_name_the_variable(monkeypatch, env, named):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError, match=named):
+        load_settings()
+
+
+class _RecordingCuda:
+    """Stands in for CudaBackend: records how the factory built it."""
+
+    calls: ClassVar[list[tuple[int, dict]]] = []
+
+    def __init__(self, device: int = 0, **kwargs) -> None:
+        _RecordingCuda.calls.append((device, kwargs))
+        self._sim = SimulatedBackend(12 * GB, device=f"cuda:{device}")
+
+    def __getattr__(self, name):
+        return getattr(self._sim, name)
+
+
+@pytest.fixture
+def recording_cuda(monkeypatch):
+    import app.backends.factory as factory
+
+    _RecordingCuda.calls = []
+    monkeypatch.setattr(factory, "CudaBackend", _RecordingCuda)
+    return _RecordingCuda.calls
+
+
+def test_every_way_to_a_monitor_honours_backend_device_and_history(monkeypatch, tmp_path,
+                                                                    recording_cuda):
+    """VRAMMonitor.from_settings, the lazy process-wide monitor behind the guards and
+    default_backend() all watch the device the settings name: a Director on cuda:1 is
+    never silently watching cuda:0."""
+    import app
+    from app.backends import default_backend
+
+    monkeypatch.setenv("VORTEX_BACKEND", "cuda")
+    monkeypatch.setenv("VORTEX_DEVICE", "1")
+    monkeypatch.setenv("VORTEX_MEMORY_HISTORY", "true")
+    monkeypatch.setenv("VORTEX_MEMORY_HISTORY_DIR", str(tmp_path / "dumps"))
+    monkeypatch.setenv("VORTEX_MEMORY_HISTORY_MAX_DUMPS", "3")
+    expected = (1, {"memory_history": True, "history_dir": tmp_path / "dumps", "max_dumps": 3})
+
+    assert VRAMMonitor.from_settings(load_settings()).device == "cuda:1"
+    assert app.get_monitor().device == "cuda:1"  # the guards' monitor
+    assert default_backend().device == "cuda:1"
+    assert recording_cuda == [expected] * 3
+
+
+def test_the_simulated_backend_from_settings(monkeypatch):
+    monkeypatch.setenv("VORTEX_BACKEND", "simulated")
+    monkeypatch.setenv("VORTEX_DEVICE", "2")
+    monitor = VRAMMonitor.from_settings(load_settings())
+    assert isinstance(monitor.backend, SimulatedBackend) and monitor.device == "sim:2"
+    assert monitor.backend.device_memory().total_bytes == 12 * 2**30  # the demo's RTX 3060
+
+
+def test_an_unknown_variable_is_named_with_the_closest_setting(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("VORTEX_SOFTLIMIT_GB", "10")
+    (tmp_path / "settings.env").write_text("VORTEX_HARD_LIMT_GB=11\nVORTEX_ZZZ=1\n")
+    s = load_settings()
+    assert s.soft_limit_gb == 11.0  # ignored, as before, but no longer silently
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "unknown setting VORTEX_SOFTLIMIT_GB is ignored (did you mean " \
+           "VORTEX_SOFT_LIMIT_GB?)" in warned
+    assert "unknown setting VORTEX_HARD_LIMT_GB is ignored (did you mean " \
+           "VORTEX_HARD_LIMIT_GB?)" in warned
+    assert "unknown setting VORTEX_ZZZ is ignored" in warned
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"soft_limit_gb": "abc"}, "soft_limit_gb"), ({"hard_limit_gb": None}, "hard_limit_gb"),
+     ({"leak_threshold_mb": float("nan")}, "leak_threshold_mb"),
+     ({"cleanup_cooldown_s": "30"}, "cleanup_cooldown_s"), ({"leak_window": 2.5}, "leak_window"),
+     ({"stall_after_s": True}, "stall_after_s")],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        VRAMMonitor(backend=SimulatedBackend(12 * GB), **kwargs)

@@ -3,10 +3,11 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter, HTTPException, Response, status
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import MonitorDep, TokenDep, backend_unavailable, read_backend
-from app.api.schemas import ErrorBody, ModelOut, Models
+from app.api.schemas import ErrorBody, ModelOut, Models, Scheduled
 from app.errors import CleanupCooldownError
 from app.monitor import CleanupResult, VRAMSnapshot
 from app.monitor.records import to_gb
@@ -43,8 +44,13 @@ async def models(monitor: MonitorDep) -> Models:
 
 @router.post(
     "/cleanup", response_model=CleanupResult, dependencies=[TokenDep],
-    summary="Run an emergency cleanup (gc + empty_cache) now",
+    summary="Run an emergency cleanup (gc + empty_cache)",
+    description="With no generation running it runs at once. While one runs, the generation "
+    "thread carries it out at its next boundary (a guard call, a stage boundary or the slot's "
+    "end); the answer waits up to VORTEX_CLEANUP_WAIT_S for it, else 202.",
     responses={
+        202: {"model": Scheduled, "description": "Registered; the generation thread runs it at "
+              "its next boundary"},
         401: {"model": ErrorBody, "description": "Missing or invalid bearer token",
               "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
         429: {"model": ErrorBody, "description": "Within the cleanup cooldown",
@@ -53,9 +59,10 @@ async def models(monitor: MonitorDep) -> Models:
         **_UNAVAILABLE,
     },
 )
-async def cleanup(monitor: MonitorDep) -> dict:
+async def cleanup(monitor: MonitorDep) -> Response:
     try:
-        # gc.collect() and empty_cache() take milliseconds: off the event loop.
+        # Off the event loop: the cleanup runs here (milliseconds of gc and empty_cache), or
+        # this waits up to cleanup_wait_s for the generation thread to carry it out.
         result = await run_in_threadpool(monitor.request_cleanup, "http")
     except CleanupCooldownError as exc:
         raise HTTPException(
@@ -64,4 +71,6 @@ async def cleanup(monitor: MonitorDep) -> dict:
         ) from None
     except Exception as exc:
         raise backend_unavailable(exc) from None
-    return result.to_dict()
+    if result is None:
+        return JSONResponse(Scheduled().model_dump(), status_code=status.HTTP_202_ACCEPTED)
+    return JSONResponse(result.to_dict())

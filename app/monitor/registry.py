@@ -1,0 +1,112 @@
+"""The model registry: what each resident model holds, its budget, and whether buffers fit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from app.backends import MemoryBackend
+from app.errors import MemoryPressureError
+from app.monitor.modules import module_bytes
+from app.monitor.records import GB, ModelRecord
+
+logger = logging.getLogger("app.monitor.monitor")
+
+
+def budget_bytes(budget_gb: float | None) -> int | None:
+    if budget_gb is None:
+        return None
+    if isinstance(budget_gb, bool) or not isinstance(budget_gb, int | float) or not budget_gb > 0:
+        raise ValueError(f"budget_gb must be a positive number of GB, got {budget_gb!r}")
+    return int(budget_gb * GB)
+
+
+class ModelRegistry:
+    """Owns the resident models under one lock."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelRecord] = {}
+
+    @contextmanager
+    def track_load(self, name: str, budget_gb: float | None = None, *,
+                   replace: bool = False) -> Iterator[list[int]]:
+        """Register ``name`` with the allocated bytes its loading adds; yields a one-item list
+        that holds those bytes once the block ends. Nothing is registered if loading raises;
+        a name already registered is refused before anything loads."""
+        budget = budget_bytes(budget_gb)
+        self._refuse_duplicate(name, replace)
+        before = self._backend.sample().allocated_bytes
+        added: list[int] = []
+        yield added
+        added.append(max(0, self._backend.sample().allocated_bytes - before))
+        self.add(ModelRecord(name, added[0], budget, "allocator_delta"), replace=replace)
+
+    def register_module(self, name: str, module: torch.nn.Module,
+                        budget_gb: float | None = None, *, replace: bool = False) -> int:
+        """Register an already-loaded module by the unique storages it holds on this device."""
+        budget = budget_bytes(budget_gb)
+        self._refuse_duplicate(name, replace)
+        nbytes = module_bytes(module, self._backend.owns)
+        self.add(ModelRecord(name, nbytes, budget, "module_storages"), replace=replace)
+        return nbytes
+
+    def _refuse_duplicate(self, name: str, replace: bool) -> None:
+        with self._lock:
+            known = name in self._models
+        if known and not replace:
+            raise ValueError(
+                f"model {name!r} is already registered; unregister_model({name!r}) first, or "
+                "pass replace=True")
+
+    def add(self, record: ModelRecord, *, replace: bool = False) -> None:
+        with self._lock:
+            if record.name in self._models and not replace:
+                raise ValueError(f"model {record.name!r} is already registered")
+            self._models[record.name] = record
+        logger.info("model %s resident: %.2fGB%s", record.name, record.vram_bytes / GB,
+                    "" if record.budget_bytes is None
+                    else f" (budget {record.budget_bytes / GB:.2f}GB)")
+        if record.over_budget:
+            logger.warning("model %s over budget: %.2fGB > %.2fGB", record.name,
+                           record.vram_bytes / GB, record.budget_bytes / GB)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+
+    def models(self) -> list[ModelRecord]:
+        with self._lock:
+            return list(self._models.values())
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(m.vram_bytes for m in self._models.values())
+
+    def validate_buffers(self, buffers: Mapping[str, int], usage_bytes: int,
+                         hard_limit_bytes: int) -> int:
+        """See ``VRAMMonitor.validate_buffers``; ``usage_bytes`` is on the limit basis."""
+        for name, nbytes in buffers.items():
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+                raise ValueError(
+                    f"buffer {name!r} must be a non-negative int of bytes, got {nbytes!r}")
+        resident = max(usage_bytes, self.total_bytes())
+        running, misfits = resident, []
+        for name, nbytes in buffers.items():
+            running += nbytes
+            if running > hard_limit_bytes:
+                misfits.append(f"{name} ({nbytes / GB:.2f}GB)")
+        if misfits:
+            raise MemoryPressureError(
+                f"Buffers do not fit under hard_limit={hard_limit_bytes / GB:.2f}GB next to "
+                f"resident models {resident / GB:.2f}GB: {', '.join(misfits)} "
+                f"(all buffers {sum(buffers.values()) / GB:.2f}GB, "
+                f"headroom {(hard_limit_bytes - resident) / GB:.2f}GB)",
+                reason="buffers",
+            )
+        return hard_limit_bytes - running

@@ -1,0 +1,107 @@
+"""Snapshots: an immutable view of the device and the monitor, built and logged here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from app.backends import MemoryBackend
+from app.monitor.cleanup import CleanupRunner
+from app.monitor.faults import BackendFaults
+from app.monitor.generations import GenerationTracker
+from app.monitor.limits import LimitGuard
+from app.monitor.records import VRAMSnapshot, frozen_mapping, to_gb, utc_timestamp
+from app.monitor.registry import ModelRegistry
+
+snapshot_logger = logging.getLogger("app.monitor.snapshots")
+
+
+class SnapshotBuilder:
+    """Reads the other parts (each under its own lock, one after another) into a snapshot;
+    owns only the clock of the periodic INFO snapshot."""
+
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        limits: LimitGuard,
+        registry: ModelRegistry,
+        slots: GenerationTracker,
+        cleaner: CleanupRunner,
+        faults: BackendFaults,
+        *,
+        basis: str,
+        interval_s: float,
+    ) -> None:
+        self._backend = backend
+        self._limits = limits
+        self._registry = registry
+        self._slots = slots
+        self._cleaner = cleaner
+        self._faults = faults
+        self._basis = basis
+        self._basis_index = 0 if basis == "allocated" else 1
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last_info: float | None = None  # monotonic
+
+    def build(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
+        """One allocator read; the device figures come from the same read. Raises when the
+        backend cannot be read (the HTTP side answers 503)."""
+        b = self._backend
+        s = b.sample()
+        dm = b.device_memory(s)
+        models = {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
+        generations, _, _, leaks = self._slots.counts()
+        t = self._slots.leak_trend()
+        usage = s[self._basis_index]
+        return VRAMSnapshot(
+            timestamp=utc_timestamp(), event=event, slot=slot,
+            vram_usage_gb=to_gb(usage), vram_allocated_gb=to_gb(s.allocated_bytes),
+            vram_reserved_gb=to_gb(s.reserved_bytes), models=frozen_mapping(models),
+            device=b.device, device_name=b.name, device_uuid=b.uuid,
+            limit_basis=self._basis, usage_bytes=usage,
+            allocated_bytes=s.allocated_bytes, reserved_bytes=s.reserved_bytes,
+            stage_peak_allocated_bytes=s.peak_allocated_bytes,
+            inactive_split_bytes=s.inactive_split_bytes,
+            fragmentation_ratio=round(s.inactive_split_bytes / s.reserved_bytes, 4)
+            if s.reserved_bytes else 0.0,
+            device_free_bytes=dm.free_bytes, device_total_bytes=dm.total_bytes,
+            non_torch_bytes=dm.non_torch_bytes, num_alloc_retries=s.num_alloc_retries,
+            num_ooms=s.num_ooms, soft_limit_bytes=self._limits.soft_limit_bytes,
+            hard_limit_bytes=self._limits.hard_limit_bytes,
+            soft_limit_gb=to_gb(self._limits.soft_limit_bytes),
+            hard_limit_gb=to_gb(self._limits.hard_limit_bytes), generation_count=generations,
+            soft_limit_violations=self._limits.soft_violations,
+            hard_limit_violations=self._limits.hard_violations,
+            emergency_cleanups=self._cleaner.count, leak_warnings=leaks,
+            leak_bytes_per_generation=round(t.bytes_per_generation, 1),
+            leak_generations_to_hard_limit=None if t.generations_to_hard_limit is None
+            else round(t.generations_to_hard_limit, 1),
+        )
+
+    def log(self, event: str, slot: int | None = None) -> VRAMSnapshot:
+        """Build a snapshot and log it as one JSON record (INFO, ``app.monitor.snapshots``)."""
+        snap = self.build(event, slot)
+        snapshot_logger.info(snap.to_json(), extra={"vram_snapshot": snap.to_dict()})
+        return snap
+
+    def log_periodic(self, event: str, slot: int | None) -> None:
+        """From the generation loop. Per-slot snapshots would flood INFO at a few slots a
+        second: INFO at most once per ``interval_s``, DEBUG for every slot, nothing built
+        when neither is on. Never raises."""
+        now = time.monotonic()
+        with self._lock:
+            due = self._last_info is None or now - self._last_info >= self.interval_s
+            if due and snapshot_logger.isEnabledFor(logging.INFO):
+                self._last_info = now
+            else:
+                due = False
+        try:
+            if due:
+                self.log(event, slot)
+            elif snapshot_logger.isEnabledFor(logging.DEBUG):
+                snap = self.build(event, slot)
+                snapshot_logger.debug(snap.to_json(), extra={"vram_snapshot": snap.to_dict()})
+        except Exception as exc:
+            self._faults.failed("snapshot", exc)
