@@ -58,7 +58,6 @@ import torch
 from app.backends import (
     AllocatorSample,
     CudaBackend,
-    DeviceMemory,
     OutOfMemoryError,
     SimulatedBackend,
 )
@@ -115,40 +114,24 @@ class Trace:
         return trace
 
 
-class TraceRecorder:
-    """A ``MemoryBackend`` over a simulated card that notes every allocator call as a step.
+class TraceRecorder(SimulatedBackend):
+    """A simulated card that notes every allocator call as a step of ``trace``.
 
     The monitor's cleanups reach ``empty_cache`` through it too, so they are in the trace.
     One thread only, as in the stress loop.
     """
 
-    def __init__(self, card: SimulatedBackend, trace: Trace) -> None:
-        self._card = card
+    def __init__(self, card_bytes: int, trace: Trace) -> None:
+        super().__init__(card_bytes, device="sim:trace")
         self.trace = trace
         self._card_handles: dict[int, int] = {}  # trace handle -> the card's handle
         self._next_handle = 1
-
-    @property
-    def device(self) -> str:
-        return self._card.device
-
-    def sample(self) -> AllocatorSample:
-        return self._card.sample()
-
-    def device_memory(self) -> DeviceMemory:
-        return self._card.device_memory()
-
-    def reset_peak(self) -> None:
-        self._card.reset_peak()
-
-    def owns(self, tensor: torch.Tensor) -> bool:
-        return self._card.owns(tensor)
 
     def allocate(self, nbytes: int) -> int:
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         step = self.trace.add(ALLOC, handle, nbytes)
         try:
-            self._card_handles[handle] = self._card.allocate(nbytes)
+            self._card_handles[handle] = super().allocate(nbytes)
         except OutOfMemoryError:
             self.trace.oom_steps.append(step)
             self.trace.add(FREE, handle)  # see the module docstring: the failed tensor's free
@@ -156,11 +139,11 @@ class TraceRecorder:
         return handle
 
     def free(self, handle: int) -> None:
-        self._card.free(self._card_handles.pop(handle))
+        super().free(self._card_handles.pop(handle))
         self.trace.add(FREE, handle)
 
     def empty_cache(self) -> None:
-        self._card.empty_cache()
+        super().empty_cache()
         self.trace.add(EMPTY_CACHE)
 
 
@@ -173,7 +156,7 @@ def simulated_card(card_bytes: int) -> SimulatedBackend:
 def record(workload: dict[str, Any], card_bytes: int) -> Trace:
     """Run the stress test's own loop on a recording card; its report goes to stderr."""
     trace = Trace(card_bytes, workload)
-    recorder = TraceRecorder(simulated_card(card_bytes), trace)
+    recorder = TraceRecorder(card_bytes, trace)
 
     def recording_card(_simulate: bool) -> tuple[TraceRecorder, SimulatedDevice, str]:
         # SimulatedDevice only calls allocate/free, which the recorder provides.
