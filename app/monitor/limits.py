@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from app.backends import AllocatorSample, MemoryBackend
 from app.errors import MemoryPressureError, MemoryPressureWarning
+from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
 from app.monitor.records import GB, CleanupResult, to_gb
@@ -30,6 +31,8 @@ class LimitGuard:
 
     A check reads the allocator once, takes the lock for a few comparisons and returns; only a
     crossing takes the slow path (logs, warning, cleanup, error), after the lock is released.
+    Each check is also a boundary of the generation thread: a cleanup another thread asked the
+    ``requests`` runner for is carried out there first (one attribute test when none is).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class LimitGuard:
         hard_limit_bytes: int,
         rearm_bytes: int,
         cleanup: Cleanup | None,
+        requests: CleanupRunner,
         faults: BackendFaults,
         python_warnings: bool = True,
     ) -> None:
@@ -51,6 +55,7 @@ class LimitGuard:
         self.hard_limit_bytes = hard_limit_bytes
         self._rearm_bytes = rearm_bytes
         self._cleanup = cleanup
+        self._requests = requests
         self._faults = faults
         self._python_warnings = python_warnings
         self._lock = threading.Lock()
@@ -61,6 +66,8 @@ class LimitGuard:
 
     def check(self, context: str = "") -> int | None:
         """See ``VRAMMonitor.check_limits``."""
+        if self._requests.pending is not None:
+            self._requests.run_pending()
         try:
             s = self._sample()
         except Exception as exc:
@@ -87,12 +94,16 @@ class LimitGuard:
         """See ``VRAMMonitor.check_allocation``."""
         if requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
+        if self._requests.pending is not None:
+            self._requests.run_pending()
         try:
             s = self._sample()
         except Exception as exc:
             self._faults.failed("check_allocation", exc)
             return None
-        projected = self._project(s.allocated_bytes, s.reserved_bytes, requested_bytes)
+        projected = s.allocated_bytes + requested_bytes  # _project, inlined: the hot path
+        if self._basis == _RESERVED and s.reserved_bytes > projected:
+            projected = s.reserved_bytes
         if projected <= self.hard_limit_bytes:
             return projected
         return self._refuse(s, requested_bytes, projected, context)
