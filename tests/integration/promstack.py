@@ -155,8 +155,8 @@ def api(client: httpx.Client, path: str, *, raw: bool = False, **params: str) ->
 
 def targets_up(client: httpx.Client, job: str = DIRECTOR_JOB) -> list[dict[str, Any]]:
     body = api(client, "/api/v1/targets")
-    targets = [t for t in body["data"]["activeTargets"] if t["labels"]["job"] == job] if body else []
-    return [t for t in targets if t["health"] == "up"]
+    targets = body["data"]["activeTargets"] if body else []
+    return [t for t in targets if t["labels"]["job"] == job and t["health"] == "up"]
 
 
 def prometheus_alerts(client: httpx.Client) -> list[dict[str, Any]]:
