@@ -107,8 +107,35 @@ class Settings(BaseSettings):
     memory_history_max_dumps: int = Field(5, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    allowed_hosts: str | None = Field(
+        None, description="Comma list of the Host names the control plane answers off "
+        "loopback; unset: any. On loopback only loopback names are answered.")
     token: SecretStr | None = None
+    token_file: Path | None = Field(None, description="A file holding the bearer token.")
     config_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token(self) -> Settings:
+        """One token, from ``VORTEX_TOKEN_FILE`` (not visible in ``ps`` or ``docker inspect``)
+        or ``VORTEX_TOKEN``, and one that an HTTP header can carry."""
+        if self.token_file is not None:
+            if self.token is not None:
+                raise ValueError(f"set one of {env_name('token')} and {env_name('token_file')}")
+            try:
+                text = self.token_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    f"{env_name('token_file')}={self.token_file}: cannot read it: {exc}"
+                ) from None
+            if not text:
+                raise ValueError(f"{env_name('token_file')}={self.token_file} is empty")
+            self.token = SecretStr(text)
+        if self.token is not None:
+            value = self.token.get_secret_value()
+            if not value or not all("!" <= c <= "~" for c in value):
+                source = env_name("token_file" if self.token_file else "token")
+                raise ValueError(f"{source}: the token must be printable ASCII without spaces")
+        return self
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> Settings:

@@ -29,9 +29,10 @@ async def require_token(request: Request) -> None:
     if expected is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest on bytes: constant time in the token's content.
+    # compare_digest on bytes: constant time in the token's content. Headers arrive
+    # latin-1-decoded, so latin-1 gives back the bytes that were sent.
     if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode("utf-8", "surrogateescape"), expected
+        given.strip().encode("latin-1"), expected
     ):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
+from pydantic import SecretStr
 
+from app._version import __version__
 from app.api.limits import HeaderLimit
 from app.api.routes import health, metrics, vram
+from app.api.security import HostCheck, OriginCheck, bearer_token, parse_allowed_hosts
 from app.metrics import VRAMCollector
 from app.monitor import VRAMMonitor
 
@@ -18,24 +22,41 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(
-    monitor: VRAMMonitor, *, token: str | None = None, metrics_ttl_s: float = 1.0
+    monitor: VRAMMonitor,
+    *,
+    token: str | SecretStr | None = None,
+    allowed_hosts: str | Iterable[str] | None = None,
+    metrics_ttl_s: float = 1.0,
 ) -> FastAPI:
+    """The control plane for ``monitor``, ready to serve or to mount in a Director's own app.
+
+    ``token`` guards ``POST /vram/cleanup`` (``ValueError`` if no header could carry it).
+    ``allowed_hosts`` (names or a comma list; ``None`` or ``*``: any) is the Host check that
+    stops DNS rebinding: ``start_control_plane`` sets it from the address it binds, an app
+    mounted elsewhere or driven by a test client sets it itself.
+    """
     app = FastAPI(
         title="vortex-vram control plane",
-        version="0.1.0",
+        version=__version__,
         description="VRAM of the Director's device: snapshot, models, cleanup, metrics.",
         docs_url=None,  # the Swagger/ReDoc pages load assets from a CDN: left off
         redoc_url=None,
     )
     app.state.monitor = monitor
-    app.state.token = token.encode() if token else None
+    app.state.token = bearer_token(token)
     # The app's own registry: two control planes in one process do not collide.
     registry = CollectorRegistry(auto_describe=True)
     registry.register(VRAMCollector(monitor))
+    ProcessCollector(registry=registry)  # start time, RSS, open FDs: the Director process
     app.state.registry = registry
     app.state.scrape_cache = metrics.ScrapeCache(registry, metrics_ttl_s)
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
-    app.add_middleware(HeaderLimit)  # added last: runs first, before any parsing or metrics
+    # Added last, run first: refusals cost no parsing, no routing and no metrics.
+    app.add_middleware(OriginCheck)
+    hosts = parse_allowed_hosts(allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(HostCheck, allowed=hosts)
+    app.add_middleware(HeaderLimit)
 
     app.include_router(health.router)
     app.include_router(vram.router)

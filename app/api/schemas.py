@@ -19,6 +19,10 @@ class Readiness(BaseModel):
     ready: bool
     preflight_passed: bool
     models_registered: int
+    stalled: bool = False
+    running_slot: int | None = None
+    running_s: float = 0.0
+    detail: str | None = None
 
 
 class ModelOut(BaseModel):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterable
 
 import uvicorn
+from pydantic import SecretStr
+from starlette.types import ASGIApp
 
 from app.api.main import create_app
+from app.api.security import LOOPBACK_HOSTS, bearer_token, is_loopback, parse_allowed_hosts
 from app.monitor import VRAMMonitor
 
 logger = logging.getLogger(__name__)
@@ -20,18 +23,12 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not start (port in use, bad address, no token off loopback)."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname: it may resolve anywhere
-
-
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP.
+    # With proto 0, Nagle's algorithm held every response on a kept-alive connection until
+    # the client's delayed ACK: ~40 ms a request for Prometheus, Grafana and live views.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # Lets a restarted Director rebind past TIME_WAIT; Linux still refuses a second listener.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -86,22 +83,50 @@ def start_control_plane(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    token: str | None = None,
+    token: str | SecretStr | None = None,
+    allowed_hosts: str | Iterable[str] | None = None,
     metrics_ttl_s: float = 1.0,
     startup_timeout: float = 10.0,
 ) -> ControlPlane:
     """Serve the control plane for ``monitor`` on ``host:port`` (0 picks a free port) and
     return once it accepts connections. Raises ``ControlPlaneError`` within seconds when
-    it cannot: the port is taken, the address is bad, or the host is not loopback and no
-    token is set. ``/metrics`` is rebuilt at most once per ``metrics_ttl_s``."""
-    if not token and not is_loopback(host):
+    it cannot: the port is taken, the address is bad, the host is not loopback and no token
+    is set, or the token could never match a header. ``token`` is a ``str`` or the
+    ``SecretStr`` that ``load_settings()`` returns.
+
+    The Host check against DNS rebinding: on a loopback address only loopback names
+    (``localhost``, ``127.0.0.1``, ``[::1]``) are answered; off loopback, the names in
+    ``allowed_hosts`` (``VORTEX_ALLOWED_HOSTS``), or any when it is unset, since a Director
+    is scraped by names it cannot know (service discovery, load balancers, several
+    interfaces). ``/metrics`` is rebuilt at most once per ``metrics_ttl_s``."""
+    try:
+        token_bytes = bearer_token(token)
+    except ValueError as exc:
+        raise ControlPlaneError(f"bad control plane token (VORTEX_TOKEN): {exc}") from None
+    if token_bytes is None and not is_loopback(host):
         raise ControlPlaneError(
             f"refusing to serve on non-loopback address {host!r} without a token "
-            "(set VORTEX_TOKEN or --token)"
+            "(set VORTEX_TOKEN_FILE, VORTEX_TOKEN or --token-file)"
         )
+    if is_loopback(host):
+        allowed_hosts = LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts
+    elif parse_allowed_hosts(allowed_hosts) is None:
+        logger.warning("control plane on %s answers any Host header: set VORTEX_ALLOWED_HOSTS "
+                       "to the names it is reached by, against DNS rebinding", host)
+    app = create_app(monitor, token=token, allowed_hosts=allowed_hosts,
+                     metrics_ttl_s=metrics_ttl_s)
+    plane = serve_in_thread(app, host=host, port=port, startup_timeout=startup_timeout)
+    logger.info("VRAM control plane listening on %s", plane.url)
+    return plane
+
+
+def serve_in_thread(app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0,
+                    startup_timeout: float = 10.0) -> ControlPlane:
+    """Serve any ASGI ``app`` the way the control plane is served (its socket, its uvicorn
+    settings, a daemon thread); ``ControlPlaneError`` when it cannot start."""
     sock = _bind(host, port)
     config = uvicorn.Config(
-        create_app(monitor, token=token, metrics_ttl_s=metrics_ttl_s),
+        app,
         log_config=None,  # the host's logging stays as it is
         access_log=False,
         lifespan="off",
@@ -131,6 +156,4 @@ def start_control_plane(
             why = repr(failure[0]) if failure else "it did not start in time"
             raise ControlPlaneError(f"control plane failed to start on {host}:{port}: {why}")
         thread.join(0.01)  # wait on the thread, not a bare sleep: a death ends the wait
-    plane = ControlPlane(server, thread, sock, host)
-    logger.info("VRAM control plane listening on %s", plane.url)
-    return plane
+    return ControlPlane(server, thread, sock, host)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from app.api import ControlPlaneError
 from app.config import SettingsError, load_settings
@@ -30,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="same as --backend simulated")
     ap.add_argument("--host", help="control plane address (VORTEX_HOST, default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="control plane port (VORTEX_PORT, default 8000)")
-    ap.add_argument("--token", help="bearer token for POST /vram/cleanup (VORTEX_TOKEN)")
+    tokens = ap.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="file holding the bearer token for POST /vram/cleanup "
+                        "(VORTEX_TOKEN_FILE; unlike --token, not visible in ps)")
+    tokens.add_argument("--token", help="bearer token for POST /vram/cleanup (VORTEX_TOKEN)")
     ap.add_argument("--generations", type=int, metavar="N", help="stop after N slots")
     ap.add_argument("--slot-seconds", type=float, default=0.25,
                     help="seconds per slot (default 0.25: four slots a second)")
@@ -71,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
     # The monitor logs every excursion and leak itself; Python warnings would say it twice.
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
-                                   ("token", args.token)) if v is not None}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port))
+                 if v is not None}
+    if args.token is not None:  # a flag beats the environment's token of either kind
+        overrides.update(token=args.token, token_file=None)
+    elif args.token_file is not None:
+        overrides.update(token=None, token_file=args.token_file)
     if "VORTEX_PYTHON_WARNINGS" not in os.environ:
         overrides["python_warnings"] = False
     try:

@@ -77,9 +77,9 @@ class Director:
         install_monitor(self.monitor)
         self.monitor.log_snapshot("startup")
         self.monitor.preflight()
-        token = self.settings.token.get_secret_value() if self.settings.token else None
         self.control_plane = start_control_plane(
-            self.monitor, host=self.settings.host, port=self.settings.port, token=token)
+            self.monitor, host=self.settings.host, port=self.settings.port,
+            token=self.settings.token, allowed_hosts=self.settings.allowed_hosts)
         for spec in MODELS:
             with self.monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
                 self.device.load(spec)

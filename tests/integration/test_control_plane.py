@@ -27,7 +27,9 @@ def test_health_and_readiness(plane):
     assert httpx.get(f"{plane.url}/healthz").json() == {"status": "ok"}
     r = httpx.get(f"{plane.url}/readyz")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "preflight_passed": True, "models_registered": 5}
+    assert r.json() == {"ready": True, "preflight_passed": True, "models_registered": 5,
+                        "stalled": False, "running_slot": None, "running_s": 0.0,
+                        "detail": None}
 
 
 def test_not_ready_before_preflight_and_models():

@@ -49,7 +49,7 @@ def test_hostile_requests_change_nothing(plane, node):
                   "Bearer " + "A" * 4000, "Bearer \u00e9\u00e8", f"Token {TOKEN}",
                   "Bearer " + TOKEN.upper(), "Bearer %00" + TOKEN]
     for tok in bad_tokens:  # raw: httpx itself refuses some of these header values
-        reply = _raw(plane, b"POST /vram/cleanup HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        reply = _raw(plane, b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
                      + tok.encode("utf-8") + b"\r\nContent-Length: 0\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 401"), (tok, reply[:40])
     with httpx.Client() as c:
@@ -57,11 +57,11 @@ def test_hostile_requests_change_nothing(plane, node):
         assert c.get(f"{plane.url}/vram/snapshot", headers=flood).status_code == 431
         assert c.post(url, content=b"{" * 1_000_000).status_code == 401  # big garbage body
     for payload in (
-        b"GET /vram/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /vram/snapshot HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         b"GET\r\n\r\n",
-        b"POST /vram/cleanup HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-        b"POST /vram/cleanup HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         b"\x00\x01\x02\x03" * 100,
     ):
         reply = _raw(plane, payload)
