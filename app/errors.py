@@ -25,12 +25,15 @@ class MemoryPressureError(RuntimeError):
 
     ``reason`` says which guard raised it: ``"hard_limit"`` (usage above it),
     ``"allocation_refused"`` (a request that would cross it), ``"buffers"``
-    (``validate_buffers``) or ``"oom"`` (an OOM that slipped past the guards).
+    (``validate_buffers``) or ``"oom"`` (an OOM that slipped past the guards). A refused
+    allocation carries ``projected_bytes``: the usage it would have reached.
     """
 
-    def __init__(self, message: str, reason: str = "hard_limit") -> None:
+    def __init__(self, message: str, reason: str = "hard_limit",
+                 projected_bytes: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.projected_bytes = projected_bytes
 
 
 class VortexInitializationError(RuntimeError):

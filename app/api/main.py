@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import SecretStr
 
 from app._version import __version__
+from app.api.http_metrics import HttpMetrics
 from app.api.limits import HeaderLimit
 from app.api.routes import health, metrics, vram
 from app.api.security import HostCheck, OriginCheck, bearer_token, parse_allowed_hosts
@@ -50,7 +50,9 @@ def create_app(
     ProcessCollector(registry=registry)  # start time, RSS, open FDs: the Director process
     app.state.registry = registry
     app.state.scrape_cache = metrics.ScrapeCache(registry, metrics_ttl_s)
-    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app)
+    routers = (health.router, vram.router, metrics.router)
+    app.add_middleware(HttpMetrics, registry=registry, excluded=("/metrics",),
+                       routes=[route for r in routers for route in r.routes])
     # Added last, run first: refusals cost no parsing, no routing and no metrics.
     app.add_middleware(OriginCheck)
     hosts = parse_allowed_hosts(allowed_hosts)
@@ -58,9 +60,8 @@ def create_app(
         app.add_middleware(HostCheck, allowed=hosts)
     app.add_middleware(HeaderLimit)
 
-    app.include_router(health.router)
-    app.include_router(vram.router)
-    app.include_router(metrics.router)
+    for router in routers:
+        app.include_router(router)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 
+from app.monitor.admission import Forecaster
 from app.monitor.histogram import ACTIVATION_BOUNDS, DELTA_BOUNDS, PEAK_BOUNDS, Histogram
 from app.monitor.leak import LeakDetector
 from app.monitor.records import (
+    Forecast,
     GenerationRecord,
     HistogramState,
     LeakFinding,
@@ -30,8 +32,12 @@ class GenerationTracker:
     into the running slot and into every stage still open, so no reset loses a peak.
     """
 
-    def __init__(self, leak_window: int, leak_threshold_bytes: int, hard_limit_bytes: int) -> None:
+    def __init__(self, leak_window: int, leak_threshold_bytes: int, hard_limit_bytes: int,
+                 forecaster: Forecaster) -> None:
         self._lock = threading.Lock()
+        self._forecaster = forecaster
+        self._outcomes: Counter[str] = Counter()
+        self._admissions: Counter[str] = Counter()
         self._active: GenerationRecord | None = None
         self._active_since: float | None = None  # monotonic start of the running slot
         self._last_finished_at: float | None = None  # Unix time of the last slot's end
@@ -42,6 +48,7 @@ class GenerationTracker:
         self._activation_hist = Histogram(ACTIVATION_BOUNDS)
         self._delta_hist = Histogram(DELTA_BOUNDS)
         self._leak = LeakDetector(leak_window, leak_threshold_bytes, hard_limit_bytes)
+        self._trend: LeakTrend | None = None  # cached: a least-squares pass over the window
         self._post_generation_bytes: int | None = None
         self._generations = 0
         self._failed = 0
@@ -50,14 +57,15 @@ class GenerationTracker:
 
     # -- a slot -------------------------------------------------------------------------------
 
-    def begin(self, slot: int | None, allocated_before: int) -> GenerationRecord:
+    def begin(self, slot: int | None, allocated_before: int,
+              scale: float = 1.0) -> GenerationRecord:
         with self._lock:
             if self._active is not None:
                 raise RuntimeError(
                     f"generation({slot}) started while slot {self._active.slot} is running; "
                     "one generation at a time per monitor"
                 )
-            self._active = GenerationRecord(slot, allocated_before)
+            self._active = GenerationRecord(slot, allocated_before, scale=scale)
             self._active_since = time.monotonic()
             self._peak_carry = allocated_before
             self._open_stages = []
@@ -70,15 +78,19 @@ class GenerationTracker:
             self._fold(peak)
             self._open_stages.append([name, 0])
 
-    def close_stage(self, name: str, peak: int, failed: bool) -> None:
+    def close_stage(self, name: str, peak: int, failed: bool, wanted: int = 0) -> None:
+        """``wanted``: the peak an allocation refused in this stage would have reached; the
+        forecast learns what the stage asked for, not only what it got."""
         with self._lock:
             self._fold(peak)
             _, stage_peak = self._open_stages.pop()
+            stage_peak = max(stage_peak, wanted)
             if self._active is not None:
                 peaks = self._active.stage_peaks_bytes
                 peaks[name] = max(peaks.get(name, 0), stage_peak)
                 if failed and self._active.failed_stage is None:
                     self._active.failed_stage = name
+                self._active.wanted_peak_bytes = max(self._active.wanted_peak_bytes, wanted)
 
     def _fold(self, peak: int) -> None:
         self._peak_carry = max(self._peak_carry, peak)
@@ -108,6 +120,7 @@ class GenerationTracker:
                 self._failed += 1
             if status == "oom":
                 self._ooms += 1
+            self._outcomes[record.outcome] += 1
             if before_bytes is not None and after is not None:
                 allocated, peak = after
                 record.allocated_after_bytes = allocated
@@ -117,6 +130,10 @@ class GenerationTracker:
                 self._activation_hist.observe(record.activation_peak_bytes)
                 self._delta_hist.observe(record.delta_bytes)
                 finding = self._observe_leak(before_bytes, allocated)
+                self._forecaster.observe(
+                    max(record.peak_bytes, record.wanted_peak_bytes) - before_bytes,
+                    {n: p - before_bytes for n, p in record.stage_peaks_bytes.items()},
+                    record.scale)
             self._history.append(replace(record, stage_peaks_bytes=dict(record.stage_peaks_bytes)))
         return finding
 
@@ -132,10 +149,29 @@ class GenerationTracker:
 
     def _observe_leak(self, before: int, after: int) -> LeakFinding | None:
         self._post_generation_bytes = after
+        self._trend = None
         finding = self._leak.observe(before, after, self._generations)
         if finding is not None:
             self._leak_warnings += 1
         return finding
+
+    def skip(self) -> None:
+        """A slot the Director skipped before any stage ran."""
+        with self._lock:
+            self._outcomes["skipped"] += 1
+
+    def count_admission(self, decision: str) -> None:
+        with self._lock:
+            self._admissions[decision] += 1
+
+    def forecast(self) -> Forecast:
+        with self._lock:
+            return self._forecaster.forecast()
+
+    def slot_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(slot outcomes, admission decisions), each by kind."""
+        with self._lock:
+            return dict(self._outcomes), dict(self._admissions)
 
     # -- leaks --------------------------------------------------------------------------------
 
@@ -147,10 +183,14 @@ class GenerationTracker:
     def rebase_leak(self, delta_bytes: int) -> None:
         with self._lock:
             self._leak.rebase(delta_bytes)
+            self._trend = None
 
     def leak_trend(self) -> LeakTrend:
+        """Computed at most once per generation, however often snapshots and scrapes ask."""
         with self._lock:
-            return self._leak.trend()
+            if self._trend is None:
+                self._trend = self._leak.trend()
+            return self._trend
 
     # -- reads --------------------------------------------------------------------------------
 

@@ -165,7 +165,8 @@ class LimitGuard:
                                  "device": self._device})
         if not recoverable and self._cleanup is not None:
             self._cleanup("hard_limit", False)  # the card's "emergency cleanup is triggered"
-        raise MemoryPressureError(msg, reason="allocation_refused")
+        raise MemoryPressureError(msg, reason="allocation_refused",
+                                  projected_bytes=s.allocated_bytes + requested)
 
     def _log_crossing(self, which: str, usage: int, context: str, level: int) -> str:
         limit = self.soft_limit_bytes if which == "soft" else self.hard_limit_bytes

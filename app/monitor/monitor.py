@@ -32,6 +32,7 @@ from app.errors import (
     MemoryPressureError,
     VortexInitializationError,
 )
+from app.monitor.admission import Forecaster, activation_scale, fits
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
@@ -40,7 +41,9 @@ from app.monitor.limits import LIMIT_BASES, LimitGuard
 from app.monitor.records import (
     GB,
     MB,
+    Admission,
     CleanupResult,
+    Forecast,
     GenerationRecord,
     Histograms,
     LeakFinding,
@@ -89,6 +92,9 @@ class VRAMMonitor:
         stall_after_s: float = 300.0,
         required_gb: float = 11.8,
         python_warnings: bool = True,
+        admission_window: int = 100,
+        admission_quantile: float = 0.95,
+        admission_margin: float = 0.1,
     ) -> None:
         soft = _number("soft_limit_gb", soft_limit_gb, above=0)
         hard = _number("hard_limit_gb", hard_limit_gb, above=soft,
@@ -97,6 +103,16 @@ class VRAMMonitor:
             raise ValueError(f"limit_basis={limit_basis!r} must be one of {LIMIT_BASES}")
         if isinstance(leak_window, bool) or not isinstance(leak_window, int) or leak_window < 1:
             raise ValueError(f"leak_window={leak_window!r} must be an integer >= 1")
+        if isinstance(admission_window, bool) or not isinstance(admission_window, int) \
+                or admission_window < 1:
+            raise ValueError(f"admission_window={admission_window!r} must be an integer >= 1")
+        quantile = _number("admission_quantile", admission_quantile, above=0)
+        if quantile > 1:
+            raise ValueError(f"admission_quantile={admission_quantile!r} must be in (0, 1]")
+        margin = _number("admission_margin", admission_margin, at_least=0)
+        if margin > 0.25:
+            raise ValueError(f"admission_margin={admission_margin!r} must be at most 0.25: a "
+                             "larger margin refuses slots that fit")
         hysteresis = _number("soft_limit_hysteresis_mb", soft_limit_hysteresis_mb, at_least=0)
         if hysteresis * MB >= soft * GB:
             raise ValueError(f"soft_limit_hysteresis_mb={soft_limit_hysteresis_mb!r} must be "
@@ -128,10 +144,12 @@ class VRAMMonitor:
         )
         self._registry = ModelRegistry(self._backend)
         self._slots = GenerationTracker(leak_window, self.leak_threshold_bytes,
-                                        self.hard_limit_bytes)
+                                        self.hard_limit_bytes,
+                                        Forecaster(admission_window, quantile, margin))
         self._snapshots = SnapshotBuilder(
             self._backend, self._limits, self._registry, self._slots, self._cleaner,
-            self._faults, basis=limit_basis, interval_s=self.snapshot_interval_s)
+            self._faults, basis=limit_basis, interval_s=self.snapshot_interval_s,
+            stall_after_s=self.stall_after_s)
         self._preflight: PreflightResult | None = None
         # The hot path: the guards go straight to the limit guard, without this façade's
         # frame in between (the methods below document them and do the same).
@@ -318,8 +336,13 @@ class VRAMMonitor:
     # ------------------------------------------------------------------ generations
 
     @contextmanager
-    def generation(self, slot: int | None = None) -> Iterator[GenerationRecord]:
+    def generation(self, slot: int | None = None, *,
+                   scale: float = 1.0) -> Iterator[GenerationRecord]:
         """Measure one slot: delta (allocated after - before) and peak, counted for leaks.
+
+        ``scale`` is the share of its full-size activations the slot runs at (a degraded slot,
+        after a refusing ``admit()``): the forecast counts its activations at full size, and
+        its outcome is ``degraded`` rather than ``full``.
 
         The allocator's peak register is global per device, so the monitor owns its resets:
         it resets it here and in ``stage()`` and folds what it read before each reset into
@@ -328,9 +351,12 @@ class VRAMMonitor:
         slot (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) becomes a
         ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
         """
+        scale = _number("scale", scale, above=0)
+        if scale > 1:
+            raise ValueError(f"scale={scale!r} must be in (0, 1]")
         before = self._safe_sample("generation")
         before_bytes = before.allocated_bytes if before else None
-        record = self._slots.begin(slot, before_bytes or 0)
+        record = self._slots.begin(slot, before_bytes or 0, scale)
         self._cleaner.enter_generation()
         self._safe_reset_peak()
         self._snapshots.log_periodic("pre_generation", slot)
@@ -364,14 +390,15 @@ class VRAMMonitor:
             self._cleaner.run_pending()
         self._slots.open_stage(name, self._peak_now())
         self._safe_reset_peak()
-        failed = False
+        failed, wanted = False, 0
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             failed = True
+            wanted = getattr(exc, "projected_bytes", None) or 0  # a refused allocation's
             raise
         finally:
-            self._slots.close_stage(name, self._peak_now(), failed)
+            self._slots.close_stage(name, self._peak_now(), failed, wanted)
             if self._cleaner.pending is not None:
                 self._cleaner.run_pending()
 
@@ -395,6 +422,76 @@ class VRAMMonitor:
         finally:
             # On every way out of the slot: what another thread asked for runs now.
             self._cleaner.leave_generation()
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, slot: int | None = None) -> Admission:
+        """Decide, before ``slot`` starts, whether its forecast peak fits under the hard limit.
+
+        The forecast is a high quantile of the last slots' activation peaks (above the level
+        each started from) plus a margin: see ``docs/admission.md``. From one allocator read:
+        ``admit`` when the forecast peak fits; ``cleanup`` when it fits only once the allocator
+        cache is released (on the reserved basis), released before this returns; ``refuse``
+        otherwise, with ``activation_scale`` the share of the forecast activation that fits.
+        With no history yet it admits, with the forecast peak at current usage. Fails open:
+        an unreadable backend admits.
+        """
+        f = self._slots.forecast()
+        try:
+            s = self._backend.sample()
+        except Exception as exc:
+            self._faults.failed("admit", exc)
+            return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
+                                           "without a forecast", slot))
+        reserved_basis = self.limit_basis == "reserved"
+        activation = f.activation_bytes
+        peak = fits(s.allocated_bytes, s.reserved_bytes, activation, reserved_basis)
+        hard = self.hard_limit_bytes
+        if peak <= hard:
+            why = ("no history: forecast is current usage" if not f.samples else
+                   f"forecast {activation / GB:.2f}GB of activations fits")
+            return self._decided(Admission("admit", peak, hard - peak, 1.0, why, slot,
+                                           activation))
+        allocated = s.allocated_bytes
+        if reserved_basis and allocated + activation <= hard:
+            result = self._auto_cleanup("admission", True)  # the cache is what stands in the way
+            if result is not None:
+                allocated = result.allocated_bytes
+                peak = fits(allocated, result.reserved_after_bytes, activation, True)
+                if peak <= hard:
+                    return self._decided(Admission(
+                        "cleanup", peak, hard - peak, 1.0,
+                        f"fits once {result.freed_bytes / GB:.2f}GB of cache is released",
+                        slot, activation))
+        scale = activation_scale(allocated, hard, activation)
+        return self._decided(Admission(
+            "refuse", peak, hard - peak, round(scale, 4),
+            f"forecast peak {peak / GB:.2f}GB > hard_limit {hard / GB:.2f}GB; "
+            f"{scale:.0%} of the forecast activations fit", slot, activation))
+
+    def _decided(self, a: Admission) -> Admission:
+        self._slots.count_admission(a.decision)
+        level = logging.DEBUG if a.decision == "admit" else logging.INFO
+        logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,
+                   extra={"vram_event": "admission", **a.to_dict(), "device": self.device})
+        return a
+
+    def skip_slot(self, slot: int | None = None, reason: str = "") -> None:
+        """Count a slot the Director skipped before any stage ran (outcome ``skipped``)."""
+        self._slots.skip()
+        logger.warning("slot %s skipped before it started%s", slot,
+                       f": {reason}" if reason else "",
+                       extra={"vram_event": "slot_skipped", "slot": slot, "device": self.device})
+
+    def forecast(self) -> Forecast:
+        """The current forecast of the next slot's activations (nominal, margin included)."""
+        return self._slots.forecast()
+
+    def slot_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(slot outcomes: full, degraded, skipped, aborted; admission decisions)."""
+        return self._slots.slot_counts()
+
+    # ------------------------------------------------------------------ the card's leak API
 
     def increment_generation_count(self) -> None:
         """Count a generation run without ``generation()`` (the task card's API); every

@@ -7,6 +7,7 @@ import threading
 import time
 
 from app.backends import MemoryBackend
+from app.monitor.admission import fits
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
@@ -32,6 +33,7 @@ class SnapshotBuilder:
         *,
         basis: str,
         interval_s: float,
+        stall_after_s: float,
     ) -> None:
         self._backend = backend
         self._limits = limits
@@ -42,6 +44,7 @@ class SnapshotBuilder:
         self._basis = basis
         self._basis_index = 0 if basis == "allocated" else 1
         self.interval_s = interval_s
+        self.stall_after_s = stall_after_s
         self._lock = threading.Lock()
         self._last_info: float | None = None  # monotonic
 
@@ -52,9 +55,16 @@ class SnapshotBuilder:
         s = b.sample()
         dm = b.device_memory(s)
         models = {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
-        generations, _, _, leaks = self._slots.counts()
+        generations, failed, ooms, leaks = self._slots.counts()
+        outcomes, admissions = self._slots.slot_counts()
         t = self._slots.leak_trend()
+        live = self._slots.liveness(self.stall_after_s)
+        f = self._slots.forecast()
+        cleanups, _, cleanup_failures = self._cleaner.totals()
         usage = s[self._basis_index]
+        hard = self._limits.hard_limit_bytes
+        forecast_peak = fits(s.allocated_bytes, s.reserved_bytes, f.activation_bytes,
+                             self._basis_index == 1)
         return VRAMSnapshot(
             timestamp=utc_timestamp(), event=event, slot=slot,
             vram_usage_gb=to_gb(usage), vram_allocated_gb=to_gb(s.allocated_bytes),
@@ -74,10 +84,20 @@ class SnapshotBuilder:
             hard_limit_gb=to_gb(self._limits.hard_limit_bytes), generation_count=generations,
             soft_limit_violations=self._limits.soft_violations,
             hard_limit_violations=self._limits.hard_violations,
-            emergency_cleanups=self._cleaner.count, leak_warnings=leaks,
+            emergency_cleanups=cleanups, leak_warnings=leaks,
             leak_bytes_per_generation=round(t.bytes_per_generation, 1),
             leak_generations_to_hard_limit=None if t.generations_to_hard_limit is None
             else round(t.generations_to_hard_limit, 1),
+            post_generation_allocated_bytes=live.post_generation_allocated_bytes,
+            generations_failed=failed, ooms_caught=ooms, backend_errors=self._faults.count,
+            cleanup_failures=cleanup_failures, slot_outcomes=frozen_mapping(outcomes),
+            admissions=frozen_mapping(admissions), running_slot=live.slot,
+            running_s=round(live.running_s, 3), stalled=live.stalled,
+            last_generation_at=None if live.last_generation_at is None
+            else utc_timestamp(live.last_generation_at),
+            last_cleanup=self._cleaner.last(), forecast_samples=f.samples,
+            forecast_activation_bytes=f.activation_bytes, forecast_peak_bytes=forecast_peak,
+            forecast_headroom_bytes=hard - forecast_peak,
         )
 
     def log(self, event: str, slot: int | None = None) -> VRAMSnapshot:

@@ -108,7 +108,7 @@ def test_metrics(plane, node):
         assert f'icn_vortex_vram_{name}{{device="sim:0"' in text, name
     assert 'icn_vortex_vram_model_bytes{device="sim:0",model="flux"}' in text
     assert 'icn_vortex_vram_model_budget_bytes{device="sim:0",model="flux"} 6e+09' in text
-    assert 'http_requests_total{handler="/healthz"' in text  # the instrumentator's
+    assert 'http_requests_total{handler="/healthz"' in text  # the HTTP metrics'
     assert monitor.counters().generations == 0
 
 

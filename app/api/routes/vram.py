@@ -2,14 +2,15 @@ from __future__ import annotations
 
 import math
 
-from fastapi import APIRouter, HTTPException, Response, status
+import orjson
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import MonitorDep, TokenDep, backend_unavailable, read_backend
-from app.api.schemas import ErrorBody, ModelOut, Models, Scheduled
+from app.api.schemas import ErrorBody, Models, Scheduled
 from app.errors import CleanupCooldownError
-from app.monitor import CleanupResult, VRAMSnapshot
+from app.monitor import CleanupResult, VRAMMonitor, VRAMSnapshot
 from app.monitor.records import to_gb
 
 router = APIRouter(prefix="/vram", tags=["vram"])
@@ -18,28 +19,32 @@ _UNAVAILABLE = {503: {"model": ErrorBody, "description": "The VRAM backend could
 
 @router.get("/snapshot", response_model=VRAMSnapshot, responses=_UNAVAILABLE,
             summary="A fresh snapshot of the device and the monitor")
-async def snapshot(monitor: MonitorDep) -> Response:
+async def snapshot(request: Request) -> Response:
+    monitor: VRAMMonitor = request.app.state.monitor
     # The snapshot is already a checked, immutable value: serialise it once, directly.
     snap = read_backend(lambda: monitor.snapshot("http_snapshot"))
-    return Response(snap.to_json(), media_type="application/json")
+    return Response(snap.to_json_bytes(), media_type="application/json")
 
 
 @router.get("/models", response_model=Models, summary="Resident models and their budgets")
-async def models(monitor: MonitorDep) -> Models:
+async def models(request: Request) -> Response:
+    monitor: VRAMMonitor = request.app.state.monitor
     records = monitor.models()
-    return Models(
-        device=monitor.device,
-        total_bytes=sum(r.vram_bytes for r in records),
-        models=[
-            ModelOut(
-                name=r.name, vram_bytes=r.vram_bytes, vram_gb=to_gb(r.vram_bytes),
-                budget_bytes=r.budget_bytes,
-                budget_gb=None if r.budget_bytes is None else to_gb(r.budget_bytes),
-                over_budget=r.over_budget, source=r.source,
-            )
+    # Plain dicts from checked, immutable records, in the Models schema: the response model
+    # documents it; building and validating pydantic objects per request cost more than the
+    # rest of the request.
+    body = {
+        "device": monitor.device,
+        "total_bytes": sum(r.vram_bytes for r in records),
+        "models": [
+            {"name": r.name, "vram_bytes": r.vram_bytes, "vram_gb": to_gb(r.vram_bytes),
+             "budget_bytes": r.budget_bytes,
+             "budget_gb": None if r.budget_bytes is None else to_gb(r.budget_bytes),
+             "over_budget": r.over_budget, "source": r.source}
             for r in records
         ],
-    )
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.post(

@@ -1,0 +1,101 @@
+"""Admission: forecast the next slot's peak from the slots before it, and decide before it runs.
+
+A Director's slots are alike: the same models run the same stages, so what the next slot's
+activations take above the level it starts from is predictable from the last ones. The
+forecast is a high quantile of the last ``window`` slots' activation peaks plus a margin
+proportional to it; see docs/admission.md for why these, and the figures behind them.
+
+The activations are kept *nominal*: a slot the Director ran degraded at scale ``s`` took about
+``s`` times what it would have at full size, so it is counted as ``activation / s``; and a
+slot refused mid-slot counts what it asked for (the refused allocation's projection), not
+only what it got. Otherwise degrading would shrink the forecast, and the next slots would be
+admitted at full size into the same refusals.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from app.monitor.records import Forecast
+
+NO_FORECAST = Forecast(0, 0, 0, MappingProxyType({}))
+
+
+class SortedWindow:
+    """The last ``size`` values, also kept sorted, so a quantile is one index."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._fifo: deque[int] = deque()
+        self._sorted: list[int] = []
+
+    def add(self, value: int) -> None:
+        self._fifo.append(value)
+        insort(self._sorted, value)
+        if len(self._fifo) > self._size:
+            del self._sorted[bisect_left(self._sorted, self._fifo.popleft())]
+
+    def __len__(self) -> int:
+        return len(self._fifo)
+
+    def quantile(self, q: float) -> int:
+        """Nearest-rank quantile: the smallest value with at least ``q`` of them at or below."""
+        n = len(self._sorted)
+        return self._sorted[min(n - 1, max(0, math.ceil(q * n) - 1))]
+
+
+class Forecaster:
+    """Not thread-safe: the generation tracker owns one and calls it under its lock."""
+
+    def __init__(self, window: int, quantile: float, margin: float) -> None:
+        self.window = window
+        self.quantile = quantile
+        self.margin = margin
+        self._overall = SortedWindow(window)
+        self._stages: dict[str, SortedWindow] = {}
+        self._cached: Forecast | None = NO_FORECAST
+
+    def observe(self, activation_bytes: int, stage_bytes: Mapping[str, int],
+                scale: float) -> None:
+        """One measured slot: its activation peak and each stage's, at ``scale``."""
+        def nominal(x: int) -> int:
+            return max(0, round(x / scale)) if scale > 0 else max(0, x)
+
+        self._overall.add(nominal(activation_bytes))
+        for name, nbytes in stage_bytes.items():
+            window = self._stages.get(name)
+            if window is None:
+                window = self._stages[name] = SortedWindow(self.window)
+            window.add(nominal(nbytes))
+        self._cached = None
+
+    def _with_margin(self, window: SortedWindow) -> tuple[int, int]:
+        q = window.quantile(self.quantile)
+        return q, math.ceil(q * (1 + self.margin))
+
+    def forecast(self) -> Forecast:
+        """Recomputed at most once per observed slot (an index per window: cheap)."""
+        if self._cached is None:
+            q, activation = self._with_margin(self._overall)
+            stages = {name: self._with_margin(w)[1] for name, w in self._stages.items()}
+            self._cached = Forecast(len(self._overall), activation, q,
+                                    MappingProxyType(stages))
+        return self._cached
+
+
+def fits(allocated: int, reserved: int, activation: int, reserved_basis: bool) -> int:
+    """The peak a slot of ``activation`` bytes reaches from this state, on the limit basis:
+    on the reserved basis the cache is reused before anything new is reserved."""
+    peak = allocated + activation
+    return max(reserved, peak) if reserved_basis else peak
+
+
+def activation_scale(allocated: int, hard_limit: int, activation: int) -> float:
+    """The share of ``activation`` that fits above ``allocated`` under the hard limit."""
+    if activation <= 0:
+        return 1.0 if allocated <= hard_limit else 0.0
+    return min(1.0, max(0.0, (hard_limit - allocated) / activation))
