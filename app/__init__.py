@@ -1,5 +1,6 @@
 """vortex-vram: the VRAM manager of the Vortex Director node."""
 
+from app._version import __version__
 from app.api import ControlPlane, ControlPlaneError, start_control_plane
 from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
 from app.config import Settings, SettingsError, load_settings
@@ -19,13 +20,22 @@ from app.guards import (
     get_vram_breakdown,
     install_monitor,
 )
-from app.monitor import GenerationRecord, ModelRecord, VRAMMonitor, VRAMSnapshot
+from app.monitor import (
+    Admission,
+    Forecast,
+    GenerationRecord,
+    ModelRecord,
+    VRAMMonitor,
+    VRAMSnapshot,
+)
 
 __all__ = [
+    "Admission",
     "CleanupCooldownError",
     "ControlPlane",
     "ControlPlaneError",
     "CudaBackend",
+    "Forecast",
     "GenerationRecord",
     "MemoryBackend",
     "MemoryLeakWarning",
@@ -38,6 +48,7 @@ __all__ = [
     "VRAMMonitor",
     "VRAMSnapshot",
     "VortexInitializationError",
+    "__version__",
     "check_allocation",
     "check_limits",
     "clear_cuda_cache",

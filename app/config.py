@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(60.0, ge=0)
     stall_after_s: float = Field(300.0, gt=0)
     python_warnings: bool = Field(True, description="Also issue Python warnings, not just logs.")
+    admission_window: int = Field(100, ge=1, description="Slots the admission forecast uses.")
+    admission_quantile: float = Field(0.9, gt=0, le=1)
+    admission_margin: float = Field(0.05, ge=0, le=0.25)
     memory_history: bool = Field(False, description="Record allocator history for OOM dumps.")
     memory_history_dir: Path = Path("vram-postmortem")
     memory_history_max_dumps: int = Field(5, ge=1)
@@ -184,6 +187,9 @@ class Settings(BaseSettings):
             "stall_after_s": self.stall_after_s,
             "required_gb": self.required_gb,
             "python_warnings": self.python_warnings,
+            "admission_window": self.admission_window,
+            "admission_quantile": self.admission_quantile,
+            "admission_margin": self.admission_margin,
         }
 
 

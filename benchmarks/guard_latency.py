@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from app import CudaBackend, SimulatedBackend, VRAMMonitor
+from app.monitor.admission import Forecaster
 
 GB = 1_000_000_000
 
@@ -99,11 +100,26 @@ def main(argv: list[str] | None = None) -> int:
         # Keep the real card far from the limits: this measures the calls, not the pressure path.
         monitor = VRAMMonitor(backend=backend, soft_limit_gb=1000, hard_limit_gb=1001)
     n = args.calls
-    vram_before = backend.sample()
+    # A full admission window: 100 slots of 10-40 MB activations in one stage.
+    forecaster = Forecaster(100, monitor.admission_quantile, monitor.admission_margin)
+    for i in range(100):
+        activation = (10 + i * 3 // 10) << 20
+        forecaster.observe(activation, {"flux": activation}, 1.0)
+        with monitor.generation(i), monitor.stage("flux"):
+            if mode == "cuda":
+                torch.empty(activation, dtype=torch.uint8, device="cuda").fill_(0)
+            else:
+                backend.free(backend.allocate(activation))
+
+    vram_before = backend.sample()  # the models and the slots' cache: the monitor's own is 0
 
     def gen_overhead() -> None:
         with monitor.generation(None):
             pass
+
+    def forecast_after_a_slot() -> None:
+        forecaster.observe(250 << 20, {"flux": 250 << 20}, 1.0)
+        forecaster.forecast()
 
     results: dict[str, dict] = {
         "check_limits": time_calls(monitor.check_limits, n, "check_limits"),
@@ -111,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "check_allocation"),
         "log_snapshot": time_calls(lambda: monitor.log_snapshot("bench"), n // 20, "log_snapshot"),
         "generation_overhead": time_calls(gen_overhead, n // 10, "generation() overhead"),
+        # The decision from the cached forecast: one allocator read, no allocation.
+        "admit": time_calls(monitor.admit, n, "admit"),
+        # What a new slot adds, once per slot: the windows updated and the forecast remade.
+        "forecast_update": time_calls(forecast_after_a_slot, n // 10, "forecast update"),
     }
     if mode == "cuda":
         soft, hard = monitor.soft_limit_bytes, monitor.hard_limit_bytes
@@ -132,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     results["heap_growth_bytes_100k_checks"] = {
         "check_limits": heap_growth(monitor.check_limits, 100_000),
         "check_allocation": heap_growth(lambda: monitor.check_allocation(1 << 20), 100_000),
+        "admit": heap_growth(monitor.admit, 100_000),
     }
     meta = {
         "mode": mode,

@@ -3,20 +3,22 @@
     python benchmarks/http_cpu_cost.py                    # 7 rounds of 2,000 requests each
     python benchmarks/http_cpu_cost.py --rounds 11 --json out.json
 
-Two servers, one after the other, each in a process of its own on the same uvicorn settings
-(``start_control_plane``'s socket and config): the control plane of a simulated Director with
-its five models, and a FastAPI app with one ``async def`` endpoint returning a small JSON
-object. A client process sends the requests one at a time on a kept-alive connection: the mix
-``/metrics``, ``/vram/snapshot``, ``/vram/models`` for the control plane, the one endpoint for
-the bare app. The figure is the server process's CPU time (user + system, from
-``/proc/<pid>/task/*/schedstat``) per request: CPU time is what a shared machine's noise barely moves,
+Two server processes on the same uvicorn settings (``serve_in_thread``: the control plane's
+socket and config): the control plane of a simulated Director with its five models, and a
+FastAPI app with one ``async def`` endpoint returning a small JSON object. A client sends the
+requests one at a time on a kept-alive connection to each: the mix ``/metrics``,
+``/vram/snapshot``, ``/vram/models`` for the control plane, the one endpoint for the bare app,
+in alternating rounds so that a drift in the machine's load hits both. The figure is the
+server process's CPU time per request (every thread's nanoseconds on a CPU, from
+``/proc/<pid>/task/*/schedstat``): CPU time is what a shared machine's noise barely moves,
 where wall time would mostly measure the scheduler. The goal is at most 1.5x the bare
-endpoint's.
+endpoint's, as the median over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -74,10 +76,8 @@ def cpu_seconds(pid: int) -> float:
     /proc/<pid>/stat would round to scheduler ticks (10 ms)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread just ended
             total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended meanwhile
     return total / 1e9
 
 

@@ -39,7 +39,6 @@ Replay file: ``oom_steps`` and, under ``samples``, one column per ``AllocatorSam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -49,19 +48,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from app import VRAMMonitor
 from app.backends import (
     AllocatorSample,
     CudaBackend,
     OutOfMemoryError,
     SimulatedBackend,
 )
-from app.demo.workload import GB, SimulatedDevice
+from app.demo.workload import GB, MODELS, SimulatedDevice
 from app.errors import VortexInitializationError
 from benchmarks import vram_stress_test
 from benchmarks.card import CARD_BYTES
@@ -154,24 +153,20 @@ def simulated_card(card_bytes: int) -> SimulatedBackend:
 
 
 def record(workload: dict[str, Any], card_bytes: int) -> Trace:
-    """Run the stress test's own loop on a recording card; its report goes to stderr."""
+    """Run the stress test's own workload (``vram_stress_test.stress``: the models loaded,
+    then the slots, as the Director runs them) on a recording card."""
     trace = Trace(card_bytes, workload)
     recorder = TraceRecorder(card_bytes, trace)
-
-    def recording_card(_simulate: bool) -> tuple[TraceRecorder, SimulatedDevice, str]:
-        # SimulatedDevice only calls allocate/free, which the recorder provides.
-        return recorder, SimulatedDevice(recorder), "simulated card (recording a trace)"
-
-    argv = ["--simulate", "--iterations", str(workload["iterations"]),
-            "--spike-every", str(workload["spike_every"]),
-            "--unguarded-every", str(workload["unguarded_every"]),
-            "--seed", str(workload["seed"])]
-    # The stress test is the workload's one definition; swap only the card it builds.
-    with mock.patch.object(vram_stress_test, "make_card", recording_card), \
-            contextlib.redirect_stdout(sys.stderr):
-        code = vram_stress_test.main(argv)
-    if code != 0:
-        raise RuntimeError(f"the stress workload failed (exit {code})")
+    device = SimulatedDevice(recorder)  # it only calls allocate/free, which are recorded
+    monitor = VRAMMonitor(backend=recorder, cleanup_cooldown_s=5.0, python_warnings=False)
+    for spec in MODELS:
+        with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
+            device.load(spec)
+    _, counts = vram_stress_test.stress(
+        monitor, recorder, device, iterations=workload["iterations"], seed=workload["seed"],
+        spike_every=workload["spike_every"], unguarded_every=workload["unguarded_every"])
+    if counts["escaped"]:
+        raise RuntimeError("an OOM escaped generation() while recording")
     if not trace.ops:
         raise RuntimeError("the stress workload did not allocate on the recording card")
     return trace

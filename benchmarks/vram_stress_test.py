@@ -1,14 +1,25 @@
 """Stress: a long generation loop with random activation spikes on a 12 GB card.
 
     python benchmarks/vram_stress_test.py --simulate --iterations 1000 --plot stress.png
+    python benchmarks/vram_stress_test.py --simulate --no-admission --json before.json
     python benchmarks/vram_stress_test.py --iterations 1000 --plot stress.png --json out.json
 
-Every slot runs the five stages with typical activations; some carry a guarded spike of
-0.3-1.5 GB (checked with check_allocation first: refused when it would cross the hard limit)
-and a few an unguarded spike of 0.5-2.5 GB that the allocator itself may refuse (an OOM the
-guards did not see: generation() must catch it). Reports slots completed, refusals, OOMs
-caught, OOMs escaped (must be 0), cleanups, and plots allocated / reserved / peak per
-generation against the limits, with fragmentation below.
+Every slot runs the five stages with typical activations; one in ``--spike-every`` (5)
+carries a guarded spike of 0.3-1.5 GB in flux (checked with check_allocation first: refused
+when it would cross the hard limit), one in ``--unguarded-every`` (50) an unguarded spike of
+0.5-2.5 GB in liveportrait that only the allocator can refuse (an OOM the guards did not see:
+generation() must catch it). Each slot's random figures are drawn before it starts, in the
+same order whatever happens to it, so both modes see exactly the same slots.
+
+With ``--admission`` (the default) each slot runs as the demo Director runs it
+(app/demo/slots.py): it asks ``admit()`` first; a refused slot runs degraded when at least
+half its forecast activations fit, else it is skipped before any stage runs; and a stage
+that still asks for more than fits is shrunk to fit (``fit_allocation``) when at least half
+of it does. ``--no-admission`` is the Director before admission: every slot starts at full
+size and a refused allocation aborts it. ``--no-fit`` / ``--fit`` measure the two parts
+apart. The report counts slots completed full or degraded, skipped, aborted mid-
+slot (by the unguarded spikes, or otherwise), OOMs caught and escaped (must be 0), and the
+stage time wasted on slots aborted after all; the plot marks each slot's outcome.
 """
 
 from __future__ import annotations
@@ -18,16 +29,69 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from app import MemoryPressureError, VRAMMonitor
-from app.backends import OutOfMemoryError
-from app.demo.workload import GB, MODELS
+from app import VRAMMonitor
+from app.backends import MemoryBackend, OutOfMemoryError
+from app.demo.slots import run_slot
+from app.demo.workload import GB, MODELS, Device, SlotPlan
 from benchmarks.card import make_card
+
+OUTCOME_COLOURS = {"degraded": "tab:blue", "skipped": "grey", "aborted": "red",
+                   "escaped": "black"}
+
+
+def draw_plan(rng: random.Random, spike_every: int, unguarded_every: int) -> SlotPlan:
+    """One slot's activations at full size, in a fixed order of draws."""
+    stages, unguarded = [], 0
+    for spec in MODELS:
+        lo, hi = spec.activation_gb
+        nbytes = int(rng.uniform(lo, hi) * GB)
+        if spec.name == "flux" and rng.random() < 1 / spike_every:
+            nbytes = int(rng.uniform(0.3, 1.5) * GB)
+        stages.append((spec.name, nbytes))
+        if spec.name == "liveportrait" and rng.random() < 1 / unguarded_every:
+            unguarded = int(rng.uniform(0.5, 2.5) * GB)
+    return SlotPlan(tuple(stages), pressure=False,
+                    unguarded_stage="liveportrait" if unguarded else None,
+                    unguarded_bytes=unguarded)
+
+
+def stress(monitor: VRAMMonitor, backend: MemoryBackend, device: Device, *, iterations: int,
+           seed: int = 0, spike_every: int = 5, unguarded_every: int = 50,
+           admission: bool = True, fit: bool = True,
+           progress: bool = True) -> tuple[list[dict], Counter]:
+    """Run the workload on a monitor whose models are loaded; one row per slot."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    rows, counts = [], Counter()
+    for slot in tqdm(range(1, iterations + 1), desc="stress", unit="slot", disable=not progress):
+        plan = draw_plan(rng, spike_every, unguarded_every)
+        try:
+            result = run_slot(monitor, device, slot, plan, admission=admission, fit=fit)
+            outcome, scale = result.outcome, result.scale
+        except OutOfMemoryError:
+            outcome, scale, result = "escaped", 1.0, None  # must never happen
+        counts[outcome] += 1
+        if outcome == "aborted":
+            by_unguarded = result.abort_reason == "oom" and plan.unguarded_bytes > 0
+            counts["aborted_by_unguarded_spike" if by_unguarded else "aborted_other"] += 1
+            counts["wasted_stage_ms"] += round(result.completed_stage_s * 1000)
+        rec = monitor.recent_generations()[-1] if outcome not in ("skipped", "escaped") else None
+        s = backend.sample()
+        rows.append({"generation": slot, "outcome": outcome, "scale": round(scale, 4),
+                     "allocated_bytes": s.allocated_bytes, "reserved_bytes": s.reserved_bytes,
+                     "peak_bytes": rec.peak_bytes if rec is not None else s.allocated_bytes,
+                     "inactive_split_bytes": s.inactive_split_bytes,
+                     "forecast_activation_bytes": result.admission.forecast_activation_bytes
+                     if result is not None and result.admission is not None else None})
+    return rows, counts
 
 
 def plot(rows: list[dict], monitor: VRAMMonitor, title: str, path: Path) -> None:
@@ -42,20 +106,21 @@ def plot(rows: list[dict], monitor: VRAMMonitor, title: str, path: Path) -> None
     top.plot(g, [r["peak_bytes"] / GB for r in rows], lw=0.6, color="tab:orange", label="peak")
     top.plot(g, [r["reserved_bytes"] / GB for r in rows], lw=0.9, color="tab:green",
              label="reserved (after)")
-    top.plot(g, [r["allocated_bytes"] / GB for r in rows], lw=0.9, color="tab:blue",
+    top.plot(g, [r["allocated_bytes"] / GB for r in rows], lw=0.9, color="tab:purple",
              label="allocated (after)")
     top.axhline(monitor.soft_limit_bytes / GB, ls="--", color="goldenrod", label="soft limit")
     top.axhline(monitor.hard_limit_bytes / GB, ls="--", color="red", label="hard limit")
-    for r in rows:
-        if r["outcome"] != "ok":
-            top.axvline(r["generation"], color="red" if r["outcome"] == "oom" else "grey",
-                        alpha=0.15, lw=0.8)
+    for outcome, colour in OUTCOME_COLOURS.items():
+        xs = [r["generation"] for r in rows if r["outcome"] == outcome]
+        if xs:  # one tick per slot along the bottom of the panel
+            top.plot(xs, [monitor.soft_limit_bytes / GB * 0.905] * len(xs), "|", ms=9,
+                     color=colour, label=f"{outcome} ({len(xs)})")
     top.set_ylabel("GB (10^9 bytes)")
     top.set_title(title)
     top.legend(loc="lower right", fontsize=8, ncol=3)
     bottom.plot(g, [r["inactive_split_bytes"] / 1e6 for r in rows], lw=0.8, color="tab:purple")
     bottom.set_ylabel("inactive split MB")
-    bottom.set_xlabel("generation (grey: refused by a guard, red: OOM caught)")
+    bottom.set_xlabel("generation (ticks: slots degraded, skipped, aborted)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -68,58 +133,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unguarded-every", type=int, default=50,
                     help="unguarded spike, 1 slot in K")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
+                    help="ask admit() before each slot (default) or start every slot")
+    ap.add_argument("--fit", action=argparse.BooleanOptionalAction,
+                    help="shrink a stage's allocation to fit (fit_allocation) rather than "
+                    "abort the slot when it asks for more than fits (default: with "
+                    "--admission; --no-admission is the Director without either)")
+    ap.add_argument("--admission-window", type=int, help="default: the monitor's (100)")
+    ap.add_argument("--admission-quantile", type=float, help="default: the monitor's (0.9)")
+    ap.add_argument("--admission-margin", type=float, help="default: the monitor's (0.05)")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-
-    from tqdm import tqdm
+    if args.fit is None:
+        args.fit = args.admission
 
     backend, device, label = make_card(args.simulate)
-    monitor = VRAMMonitor(backend=backend, cleanup_cooldown_s=5.0, python_warnings=False)
+    tuning = {k: v for k, v in (("admission_window", args.admission_window),
+                                ("admission_quantile", args.admission_quantile),
+                                ("admission_margin", args.admission_margin)) if v is not None}
+    monitor = VRAMMonitor(backend=backend, cleanup_cooldown_s=5.0, python_warnings=False,
+                          **tuning)
     monitor.preflight()
     for spec in MODELS:
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
             device.load(spec)
-    rng = random.Random(args.seed)
-    rows, outcomes = [], {"ok": 0, "refused": 0, "oom": 0}
-    escaped = 0
     t0 = time.perf_counter()
-    for gen in tqdm(range(1, args.iterations + 1), desc="stress", unit="slot"):
-        outcome = "ok"
-        rec = None
-        try:
-            with monitor.generation(gen) as rec:
-                for spec in MODELS:
-                    lo, hi = spec.activation_gb
-                    nbytes = int(rng.uniform(lo, hi) * GB)
-                    if spec.name == "flux" and rng.random() < 1 / args.spike_every:
-                        nbytes = int(rng.uniform(0.3, 1.5) * GB)
-                    with monitor.stage(spec.name):
-                        monitor.check_allocation(nbytes, f"slot {gen} {spec.name}")
-                        with device.activation(nbytes):
-                            monitor.check_limits(f"slot {gen} {spec.name}")
-                            if spec.name == "liveportrait" and (
-                                    rng.random() < 1 / args.unguarded_every):
-                                with device.activation(int(rng.uniform(0.5, 2.5) * GB)):
-                                    pass  # not guarded: only the allocator stands in the way
-        except MemoryPressureError as exc:
-            outcome = "oom" if exc.reason == "oom" else "refused"
-        except OutOfMemoryError:
-            escaped += 1  # must never happen: generation() converts OOMs
-            outcome = "escaped"
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        s = backend.sample()
-        rows.append({"generation": gen, "outcome": outcome,
-                     "allocated_bytes": s.allocated_bytes, "reserved_bytes": s.reserved_bytes,
-                     "peak_bytes": rec.peak_bytes if rec is not None else s.allocated_bytes,
-                     "inactive_split_bytes": s.inactive_split_bytes})
+    rows, counts = stress(monitor, backend, device, iterations=args.iterations, seed=args.seed,
+                          spike_every=args.spike_every, unguarded_every=args.unguarded_every,
+                          admission=args.admission, fit=args.fit)
     elapsed = time.perf_counter() - t0
     c = monitor.counters()
     s = backend.sample()
     summary = {
         "device": label, "torch": torch.__version__, "iterations": args.iterations,
-        "completed": outcomes["ok"], "refused_by_guards": outcomes["refused"],
-        "ooms_caught": c.ooms_caught, "ooms_escaped": escaped,
+        "admission": args.admission, "fit": args.fit,
+        "admission_settings": {"window": monitor.admission_window,
+                               "quantile": monitor.admission_quantile,
+                               "margin": monitor.admission_margin},
+        "completed_full": counts["full"], "completed_degraded": counts["degraded"],
+        "skipped_before_start": counts["skipped"], "aborted_mid_slot": counts["aborted"],
+        "aborted_by_unguarded_spike": counts["aborted_by_unguarded_spike"],
+        "aborted_other": counts["aborted_other"],
+        "missed": counts["skipped"] + counts["aborted"],
+        "ooms_caught": c.ooms_caught, "ooms_escaped": counts["escaped"],
+        "wasted_stage_seconds": counts["wasted_stage_ms"] / 1000,
+        "mean_degraded_scale": round(sum(r["scale"] for r in rows if r["outcome"] == "degraded")
+                                     / max(1, counts["degraded"]), 3),
         "emergency_cleanups": c.emergency_cleanups, "cleanup_freed_bytes": c.cleanup_freed_bytes,
         "soft_limit_excursions": c.soft_limit_violations,
         "hard_limit_violations": c.hard_limit_violations, "leak_warnings": c.leak_warnings,
@@ -128,17 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         "max_inactive_split_bytes": max(r["inactive_split_bytes"] for r in rows),
         "seconds": round(elapsed, 2), "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"\nstress test on {label}: {args.iterations} generations in {elapsed:.1f}s")
+    mode = ("admission" if args.admission else "no admission") + (
+        ", fit" if args.fit else ", no fit")
+    print(f"\nstress test on {label} ({mode}): {args.iterations} generations in {elapsed:.1f}s")
     for k, v in summary.items():
         if k not in ("device",):
-            print(f"  {k:<24} {v}")
+            print(f"  {k:<28} {v}")
     if args.plot:
-        plot(rows, monitor, f"vortex-vram stress: {label}, {args.iterations} generations",
-             args.plot)
+        plot(rows, monitor, f"vortex-vram stress: {label}, {args.iterations} generations, "
+             f"{mode}", args.plot)
         print(f"  plot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "generations": rows}, indent=1))
-    return 0 if escaped == 0 else 1
+    return 0 if counts["escaped"] == 0 else 1
 
 
 if __name__ == "__main__":

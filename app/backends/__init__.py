@@ -1,6 +1,7 @@
 """Memory backends: where the monitor's figures come from."""
 
 from app.backends.base import (
+    ALLOCATION_ROUNDING,
     AllocatorSample,
     DeviceMemory,
     MemoryBackend,
@@ -12,6 +13,7 @@ from app.backends.factory import default_backend, make_backend, simulated_rtx_30
 from app.backends.simulated import SimulatedBackend
 
 __all__ = [
+    "ALLOCATION_ROUNDING",
     "AllocatorSample",
     "CudaBackend",
     "DeviceMemory",

@@ -8,6 +8,10 @@ import torch
 
 from app.errors import MemoryPressureError
 
+# The caching allocator rounds every block up to a multiple of this (kMinBlockSize in
+# c10/cuda/CUDACachingAllocator.cpp); allocated_bytes counts the rounded size.
+ALLOCATION_ROUNDING = 512
+
 # torch >= 2.5 exposes the class at top level; older releases only under torch.cuda.
 OutOfMemoryError: type[RuntimeError] = getattr(torch, "OutOfMemoryError", None) or (
     torch.cuda.OutOfMemoryError

@@ -25,9 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.backends.base import AllocatorSample, DeviceMemory, OutOfMemoryError
+from app.backends.base import (
+    ALLOCATION_ROUNDING,
+    AllocatorSample,
+    DeviceMemory,
+    OutOfMemoryError,
+)
 
-MIN_BLOCK = 512
+MIN_BLOCK = ALLOCATION_ROUNDING
 SMALL_REQUEST = 1 << 20  # requests up to this size use the small pool
 SMALL_SEGMENT = 2 << 20
 LARGE_SEGMENT = 20 << 20  # segment for requests between 1 MiB and 10 MiB

@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shutdown-timeout", type=float, default=10.0,
                     help="seconds a stop request waits for the running slot (default 10)")
     ap.add_argument("--seed", type=int, help="random seed of the workload")
+    ap.add_argument("--no-admission", dest="admission", action="store_false",
+                    help="the Director before admission: every slot starts at full size "
+                    "without admit(), and an allocation that does not fit aborts it instead "
+                    "of being shrunk to fit")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         director = Director(settings, backend=args.backend, slot_seconds=args.slot_seconds,
                             work_ms=args.work_ms, pressure_every=args.pressure_every,
-                            leak_mb=args.leak_mb, seed=args.seed)
+                            leak_mb=args.leak_mb, seed=args.seed, admission=args.admission)
     except (VortexInitializationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -130,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         director.close()
     c = director.monitor.counters()
-    print(f"stopped after {stats.slots} slots: {stats.completed} completed, {stats.aborted} "
-          f"aborted; soft excursions {c.soft_limit_violations}, hard violations "
+    o = stats.outcomes
+    print(f"stopped after {stats.slots} slots: {stats.completed} completed ({o['full']} full, "
+          f"{o['degraded']} degraded), {stats.missed} missed ({o['skipped']} skipped, "
+          f"{o['aborted']} aborted); soft excursions {c.soft_limit_violations}, hard violations "
           f"{c.hard_limit_violations}, cleanups {c.emergency_cleanups}, leak warnings "
           f"{c.leak_warnings}", flush=True)
     return 0

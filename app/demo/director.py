@@ -7,15 +7,16 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from app.api import ControlPlane, start_control_plane
 from app.backends import MemoryBackend, SimulatedBackend
 from app.backends import make_backend as make_memory_backend
 from app.config import Settings
+from app.demo.slots import SlotResult, run_slot
 from app.demo.workload import MB, MODELS, CudaDevice, Device, SimulatedDevice, plan_slot
-from app.errors import MemoryPressureError
-from app.guards import check_allocation, check_limits, install_monitor
+from app.guards import install_monitor
 from app.monitor import VRAMMonitor
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DirectorStats:
     slots: int = 0
-    completed: int = 0
-    aborted: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    outcomes: Counter[str] = field(default_factory=Counter)  # full, degraded, skipped, aborted
+    abort_reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def completed(self) -> int:
+        return self.outcomes["full"] + self.outcomes["degraded"]
+
+    @property
+    def missed(self) -> int:
+        return self.outcomes["skipped"] + self.outcomes["aborted"]
 
 
 def make_backend(
@@ -57,8 +65,10 @@ class Director:
         pressure_every: int = 20,
         leak_mb: float = 0.0,
         seed: int | None = None,
+        admission: bool = True,
     ) -> None:
         self.settings = settings
+        self.admission = admission
         self.backend, self.device = make_backend(backend, settings)
         self.simulated = isinstance(self.backend, SimulatedBackend)
         self.monitor = VRAMMonitor.from_settings(settings, backend=self.backend)
@@ -98,28 +108,21 @@ class Director:
                 next_at = time.monotonic()  # fell behind: don't sprint to catch up
         return self.stats
 
-    def run_slot(self, slot: int) -> bool:
+    def run_slot(self, slot: int) -> SlotResult:
+        """Admission, then the stages; the outcome is logged by ``run_slot`` and counted here
+        and in the monitor's ``slot_outcomes``."""
         plan = plan_slot(self.rng, self.pressure_every)
+        result = run_slot(self.monitor, self.device, slot, plan, admission=self.admission,
+                          fit=self.admission, work=self._work if self.work_s else None,
+                          keep_bytes=self.leak_bytes)
         self.stats.slots += 1
-        try:
-            with self.monitor.generation(slot):
-                for stage, nbytes in plan.stages:
-                    with self.monitor.stage(stage):
-                        check_allocation(nbytes, f"slot {slot} {stage}")
-                        with self.device.activation(nbytes):
-                            check_limits(f"slot {slot} {stage}")
-                            if self.work_s:
-                                time.sleep(self.work_s)  # the stage's compute; a stop waits for it
-                if self.leak_bytes:
-                    self.device.keep(self.leak_bytes)
-        except MemoryPressureError as exc:
-            self.stats.aborted += 1
-            key = "oom" if exc.reason == "oom" else "pressure"
-            self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
-            logger.warning("slot %d aborted: %s", slot, exc)
-            return False
-        self.stats.completed += 1
-        return True
+        self.stats.outcomes[result.outcome] += 1
+        if result.abort_reason is not None:
+            self.stats.abort_reasons[result.abort_reason] += 1
+        return result
+
+    def _work(self, _stage: str) -> None:
+        time.sleep(self.work_s)  # the stage's compute; a stop waits for it
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -26,17 +26,19 @@ class ModelSpec:
     name: str
     resident_gb: float
     activation_gb: tuple[float, float]  # typical transient range per slot
+    stage_s: float  # the stage's compute at full size, as the stress test accounts it
 
 
-# The task card's five models; activation ranges are the demo's assumption, sized so that a
-# normal slot stays under the soft limit and a pressure slot crosses it.
+# The task card's five models; activation ranges and stage times are the demo's assumption,
+# sized so that a normal slot stays under the soft limit and a pressure slot crosses it.
 MODELS = (
-    ModelSpec("flux", 6.0, (0.05, 0.15)),
-    ModelSpec("liveportrait", 3.5, (0.03, 0.10)),
-    ModelSpec("kokoro", 0.4, (0.005, 0.02)),
-    ModelSpec("clip_b", 0.3, (0.002, 0.01)),
-    ModelSpec("clip_l", 0.6, (0.003, 0.015)),
+    ModelSpec("flux", 6.0, (0.05, 0.15), 1.2),
+    ModelSpec("liveportrait", 3.5, (0.03, 0.10), 0.8),
+    ModelSpec("kokoro", 0.4, (0.005, 0.02), 0.3),
+    ModelSpec("clip_b", 0.3, (0.002, 0.01), 0.05),
+    ModelSpec("clip_l", 0.6, (0.003, 0.015), 0.05),
 )
+STAGE_SECONDS = {m.name: m.stage_s for m in MODELS}
 
 
 class Device(Protocol):
@@ -110,10 +112,14 @@ class CudaDevice:
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """How much each stage allocates in one slot."""
+    """How much each stage allocates in one slot, at full size. ``unguarded_bytes`` is an
+    extra allocation inside ``unguarded_stage`` that no guard checks first: only the
+    allocator stands in its way (the stress test's unforeseeable spike)."""
 
     stages: tuple[tuple[str, int], ...]
     pressure: bool
+    unguarded_stage: str | None = None
+    unguarded_bytes: int = 0
 
 
 def plan_slot(rng: random.Random, pressure_every: int) -> SlotPlan:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 P = "icn_vortex_vram_"
 CLEANUP_REASONS = ("soft_limit", "hard_limit", "oom", "http", "manual", "admission")
+OUTCOMES = ("full", "degraded", "skipped", "aborted")
+DECISIONS = ("admit", "cleanup", "refuse")
 
 # name (without prefix) -> (help, snapshot attribute): device-wide gauges
 _GAUGES = {
@@ -108,10 +110,11 @@ class VRAMCollector:
         # Names and types only, so registering does not read the backend.
         for name in ("backend_up", "ready", "build_info", *_GAUGES,
                      "leak_generations_to_hard_limit", "post_generation_allocated_bytes",
-                     "last_generation_timestamp_seconds", "generation_running_seconds"):
+                     "last_generation_timestamp_seconds", "generation_running_seconds",
+                     "forecast_peak_bytes", "forecast_headroom_bytes"):
             yield GaugeMetricFamily(P + name, "")
         for name in (*_COUNTERS, *_ALLOCATOR_COUNTERS, "emergency_cleanups",
-                     "cleanup_failures"):
+                     "cleanup_failures", "slot_outcomes", "admissions"):
             yield CounterMetricFamily(P + name, "")
         for name in ("model_bytes", "model_budget_bytes", "model_over_budget"):
             yield GaugeMetricFamily(P + name, "")
@@ -148,6 +151,12 @@ class VRAMCollector:
                 c = CounterMetricFamily(P + name, doc, labels=["device"])
                 c.add_metric([device], float(getattr(snap, attr)))
                 yield c
+            yield _gauge("forecast_peak_bytes", "Admission forecast of the next slot's peak, on "
+                         "the limit basis (current usage while there is no history).", device,
+                         snap.forecast_peak_bytes)
+            yield _gauge("forecast_headroom_bytes", "Hard limit minus the forecast peak "
+                         "(negative: the next slot would be refused).", device,
+                         snap.forecast_headroom_bytes)
         yield _gauge("post_generation_allocated_bytes", "Allocated bytes after the last "
                      "generation: the level leak detection watches.", device,
                      live.post_generation_allocated_bytes)
@@ -162,13 +171,22 @@ class VRAMCollector:
             c.add_metric([device], float(getattr(counters, attr)))
             yield c
         ran, failed = m.cleanups_by_reason()
-        for name, doc, counts in (
-                ("emergency_cleanups", "Emergency cleanups run, by who asked for them.", ran),
+        outcomes, admissions = m.slot_counts()
+        # Every known label value, 0 included: a rate over a series that appears only at its
+        # first increment misses that increment, and ratios need their denominators.
+        for name, doc, label, known, counts in (
+                ("emergency_cleanups", "Emergency cleanups run, by who asked for them.",
+                 "reason", CLEANUP_REASONS, ran),
                 ("cleanup_failures", "Emergency cleanups that failed, by who asked for them.",
-                 failed)):
-            c = CounterMetricFamily(P + name, doc, labels=["device", "reason"])
-            for reason in sorted(set(CLEANUP_REASONS) | set(counts)):
-                c.add_metric([device, reason], float(counts.get(reason, 0)))
+                 "reason", CLEANUP_REASONS, failed),
+                ("slot_outcomes", "Slots by outcome: full, degraded (ran below full size), "
+                 "skipped (before any stage ran) or aborted (failed mid-slot).", "outcome",
+                 OUTCOMES, outcomes),
+                ("admissions", "Admission decisions taken before slots.", "decision",
+                 DECISIONS, admissions)):
+            c = CounterMetricFamily(P + name, doc, labels=["device", label])
+            for value in sorted(set(known) | set(counts)):
+                c.add_metric([device, value], float(counts.get(value, 0)))
             yield c
 
         yield from self._models(device)

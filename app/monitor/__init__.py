@@ -2,9 +2,12 @@
 
 from app.monitor.monitor import VRAMMonitor
 from app.monitor.records import (
+    Admission,
     CleanupResult,
+    Forecast,
     GenerationRecord,
     LeakTrend,
+    Liveness,
     ModelRecord,
     MonitorCounters,
     PreflightResult,
@@ -12,9 +15,12 @@ from app.monitor.records import (
 )
 
 __all__ = [
+    "Admission",
     "CleanupResult",
+    "Forecast",
     "GenerationRecord",
     "LeakTrend",
+    "Liveness",
     "ModelRecord",
     "MonitorCounters",
     "PreflightResult",

@@ -39,6 +39,13 @@ class SortedWindow:
         if len(self._fifo) > self._size:
             del self._sorted[bisect_left(self._sorted, self._fifo.popleft())]
 
+    def replace_max(self, value: int) -> None:
+        """Put ``value`` in the place of the largest value."""
+        if self._sorted:
+            self._fifo.remove(self._sorted.pop())
+        self._fifo.append(value)
+        insort(self._sorted, value)
+
     def __len__(self) -> int:
         return len(self._fifo)
 
@@ -72,6 +79,19 @@ class Forecaster:
                 window = self._stages[name] = SortedWindow(self.window)
             window.add(nominal(nbytes))
         self._cached = None
+
+    def skip(self) -> None:
+        """A slot skipped on the forecast's word teaches nothing about its size, yet the
+        forecast must move: were only slots that run counted, a forecast that refuses every
+        slot would never change again. Each skip puts a typical slot (the median) in the place
+        of the largest one, so the Director probes again after about as many skips as the
+        window holds outliers above the quantile, and a baseline too high even for typical
+        slots keeps them skipped."""
+        if len(self._overall):
+            self._overall.replace_max(self._overall.quantile(0.5))
+            for window in self._stages.values():
+                window.replace_max(window.quantile(0.5))
+            self._cached = None
 
     def _with_margin(self, window: SortedWindow) -> tuple[int, int]:
         q = window.quantile(self.quantile)

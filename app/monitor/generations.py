@@ -92,6 +92,17 @@ class GenerationTracker:
                     self._active.failed_stage = name
                 self._active.wanted_peak_bytes = max(self._active.wanted_peak_bytes, wanted)
 
+    def note_fitted(self, wanted: int) -> None:
+        """An allocation of the running slot was shrunk to fit: the slot ran degraded, and
+        the forecast learns the peak it wanted, in the slot and in its innermost stage."""
+        with self._lock:
+            if self._active is None:
+                return
+            self._active.fitted = True
+            self._active.wanted_peak_bytes = max(self._active.wanted_peak_bytes, wanted)
+            if self._open_stages:
+                self._open_stages[-1][1] = max(self._open_stages[-1][1], wanted)
+
     def _fold(self, peak: int) -> None:
         self._peak_carry = max(self._peak_carry, peak)
         for st in self._open_stages:
@@ -159,6 +170,7 @@ class GenerationTracker:
         """A slot the Director skipped before any stage ran."""
         with self._lock:
             self._outcomes["skipped"] += 1
+            self._forecaster.skip()
 
     def count_admission(self, decision: str) -> None:
         with self._lock:

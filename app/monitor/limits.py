@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from app.backends import AllocatorSample, MemoryBackend
+from app.backends import ALLOCATION_ROUNDING, AllocatorSample, MemoryBackend
 from app.errors import MemoryPressureError, MemoryPressureWarning
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
@@ -107,6 +107,49 @@ class LimitGuard:
         if projected <= self.hard_limit_bytes:
             return projected
         return self._refuse(s, requested_bytes, projected, context)
+
+    def fit(self, requested_bytes: int, context: str, min_fraction: float) -> tuple[int, int]:
+        """See ``VRAMMonitor.fit_allocation``: (bytes to allocate, and when that is less than
+        asked, the peak the whole request would have reached: what the slot wanted; else 0)."""
+        if requested_bytes < 0:
+            raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
+        if self._requests.pending is not None:
+            self._requests.run_pending()
+        try:
+            s = self._sample()
+        except Exception as exc:
+            self._faults.failed("fit_allocation", exc)
+            return requested_bytes, 0  # fail open, as check_allocation
+        projected = self._project(s.allocated_bytes, s.reserved_bytes, requested_bytes)
+        if projected <= self.hard_limit_bytes:
+            return requested_bytes, 0
+        # Rounded down as the caching allocator rounds a block up (to 512 bytes), so what is
+        # allocated lands at the hard limit at most.
+        available = self._available(s) // ALLOCATION_ROUNDING * ALLOCATION_ROUNDING
+        if available >= requested_bytes:
+            return requested_bytes, 0  # releasing the cache made room
+        if available < min_fraction * requested_bytes:
+            self._refuse(s, requested_bytes, projected, context)  # raises
+        logger.info("allocation%s shrunk to fit: %.2fGB of the %.2fGB asked for (%.0f%%) under "
+                    "hard_limit=%.2fGB", _ctx(context), available / GB, requested_bytes / GB,
+                    100 * available / requested_bytes, self.hard_limit_bytes / GB,
+                    extra={"vram_event": "allocation_fitted", "context": context,
+                           "requested_gb": to_gb(requested_bytes),
+                           "fitted_gb": to_gb(available), "device": self._device})
+        return available, s.allocated_bytes + requested_bytes
+
+    def _available(self, s: AllocatorSample) -> int:
+        """Bytes that may still be allocated under the hard limit; on the reserved basis the
+        cache is released first when it stands in the way (a recovery)."""
+        allocated, reserved = s.allocated_bytes, s.reserved_bytes
+        if self._basis == _RESERVED and reserved > self.hard_limit_bytes \
+                and self._recoverable(allocated) and self._cleanup is not None:
+            result = self._cleanup("hard_limit", True)
+            if result is not None:
+                allocated, reserved = result.allocated_bytes, result.reserved_after_bytes
+        if self._basis == _RESERVED and reserved > self.hard_limit_bytes:
+            return 0
+        return max(0, self.hard_limit_bytes - allocated)
 
     def _project(self, allocated: int, reserved: int, requested: int) -> int:
         # On the reserved basis the cache can be reused: reserved only grows past its size.

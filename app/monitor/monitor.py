@@ -93,8 +93,8 @@ class VRAMMonitor:
         required_gb: float = 11.8,
         python_warnings: bool = True,
         admission_window: int = 100,
-        admission_quantile: float = 0.95,
-        admission_margin: float = 0.1,
+        admission_quantile: float = 0.9,
+        admission_margin: float = 0.05,
     ) -> None:
         soft = _number("soft_limit_gb", soft_limit_gb, above=0)
         hard = _number("hard_limit_gb", hard_limit_gb, above=soft,
@@ -122,6 +122,8 @@ class VRAMMonitor:
         self.leak_threshold_bytes = int(_number("leak_threshold_mb", leak_threshold_mb,
                                                 above=0) * MB)
         self.leak_window = leak_window
+        self.admission_window, self.admission_quantile = admission_window, quantile
+        self.admission_margin = margin
         self.cleanup_cooldown_s = _number("cleanup_cooldown_s", cleanup_cooldown_s, at_least=0)
         self.cleanup_wait_s = _number("cleanup_wait_s", cleanup_wait_s, at_least=0)
         self.snapshot_interval_s = _number("snapshot_interval_s", snapshot_interval_s,
@@ -258,6 +260,24 @@ class VRAMMonitor:
         like ``check_limits`` (returns ``None``) when the backend cannot be read.
         """
         return self._limits.check_allocation(requested_bytes, context)
+
+    def fit_allocation(self, requested_bytes: int, context: str = "", *,
+                       min_fraction: float = 0.5) -> int:
+        """``check_allocation`` that shrinks instead of refusing: returns the bytes the caller
+        may allocate: ``requested_bytes`` when they fit, else the most that fits under the hard
+        limit, if that is at least ``min_fraction`` of the request; else raises
+        ``MemoryPressureError`` as ``check_allocation`` would. A caller that can scale the
+        work (fewer frames, a lower resolution) keeps the slot, degraded, instead of losing
+        it; the running generation's outcome becomes ``degraded``, and the forecast learns
+        the size it wanted. Costs what ``check_allocation`` costs when the request fits.
+        """
+        fraction = _number("min_fraction", min_fraction, at_least=0)
+        if fraction > 1:
+            raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]")
+        nbytes, wanted = self._limits.fit(requested_bytes, context, fraction)
+        if wanted:
+            self._slots.note_fitted(wanted)
+        return nbytes
 
     # ------------------------------------------------------------------ pre-flight
 
@@ -472,8 +492,9 @@ class VRAMMonitor:
     def _decided(self, a: Admission) -> Admission:
         self._slots.count_admission(a.decision)
         level = logging.DEBUG if a.decision == "admit" else logging.INFO
-        logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,
-                   extra={"vram_event": "admission", **a.to_dict(), "device": self.device})
+        if logger.isEnabledFor(level):  # the record's fields are built only for a reader
+            logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,
+                       extra={"vram_event": "admission", **a.to_dict(), "device": self.device})
         return a
 
     def skip_slot(self, slot: int | None = None, reason: str = "") -> None:

@@ -116,7 +116,8 @@ class GenerationRecord:
     failed_stage: str | None = None
     measured: bool = True  # False when the backend could not be read at start or end
     scale: float = 1.0  # the share of its full-size activations the slot ran at
-    wanted_peak_bytes: int = 0  # the peak a refused allocation would have reached
+    wanted_peak_bytes: int = 0  # the peak a refused or shrunk allocation would have reached
+    fitted: bool = False  # an allocation was shrunk to fit (fit_allocation)
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -130,7 +131,7 @@ class GenerationRecord:
             return "running"
         if self.status != "ok":
             return "aborted"
-        return "degraded" if self.scale < 1.0 else "full"
+        return "degraded" if self.scale < 1.0 or self.fitted else "full"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,27 @@ def test_guard_latency(tmp_path):
 
 def test_stress_test_plots_and_lets_no_oom_escape(tmp_path):
     done = _bench(tmp_path, "vram_stress_test.py", "--iterations", "200", "--unguarded-every",
-                  "10", "--plot", "stress.png", "--json", "out.json")
+                  "10", "--no-admission", "--plot", "stress.png", "--json", "out.json")
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
     assert summary["ooms_escaped"] == 0
-    assert summary["ooms_caught"] > 0 and summary["refused_by_guards"] > 0
+    assert summary["ooms_caught"] > 0 and summary["aborted_other"] > 0
     assert (tmp_path / "stress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_admission_misses_fewer_slots_on_the_same_slots(tmp_path):
+    missed = {}
+    for mode in ("--admission", "--no-admission"):
+        done = _bench(tmp_path, "vram_stress_test.py", "--iterations", "400", mode,
+                      "--json", "out.json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((tmp_path / "out.json").read_text())["summary"]
+        assert summary["ooms_escaped"] == 0
+        total = (summary["completed_full"] + summary["completed_degraded"]
+                 + summary["skipped_before_start"] + summary["aborted_mid_slot"])
+        assert total == 400
+        missed[mode] = summary["missed"]
+    assert missed["--admission"] * 5 <= missed["--no-admission"], missed
 
 
 def test_profile(tmp_path):

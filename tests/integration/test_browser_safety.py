@@ -104,8 +104,9 @@ def test_a_token_no_header_could_carry_is_refused_at_start(node, token):
 def test_a_token_file_keeps_the_token_out_of_ps(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    # No pressure spikes: no soft-limit cleanup starts the clock the HTTP cleanup shares.
     with running_demo(tmp_path, "--token-file", str(token_file), "--slot-seconds", "0.05",
-                      "--log-level", "WARNING") as (proc, url):
+                      "--pressure-every", "0", "--log-level", "WARNING") as (proc, url):
         # What ps shows: the process's command line.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")
         assert str(token_file) in cmdline and not [a for a in cmdline if TOKEN in a]
@@ -116,7 +117,7 @@ def test_a_token_file_keeps_the_token_out_of_ps(tmp_path):
 def test_the_token_file_from_the_environment(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    with running_demo(tmp_path, "--slot-seconds", "0.05", "--log-level", "WARNING",
-                      VORTEX_TOKEN_FILE=str(token_file)) as (_proc, url):
+    with running_demo(tmp_path, "--slot-seconds", "0.05", "--pressure-every", "0",
+                      "--log-level", "WARNING", VORTEX_TOKEN_FILE=str(token_file)) as (_proc, url):
         assert httpx.post(f"{url}/vram/cleanup").status_code == 401
         assert httpx.post(f"{url}/vram/cleanup", headers=AUTH).status_code in (200, 202)
