@@ -101,8 +101,8 @@ def plot(rows: list[dict], monitor: VRAMMonitor, title: str, path: Path) -> None
     import matplotlib.pyplot as plt
 
     g = [r["generation"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig, (top, strip, bottom) = plt.subplots(3, 1, figsize=(11, 8), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 0.8, 1]})
     top.plot(g, [r["peak_bytes"] / GB for r in rows], lw=0.6, color="tab:orange", label="peak")
     top.plot(g, [r["reserved_bytes"] / GB for r in rows], lw=0.9, color="tab:green",
              label="reserved (after)")
@@ -110,17 +110,19 @@ def plot(rows: list[dict], monitor: VRAMMonitor, title: str, path: Path) -> None
              label="allocated (after)")
     top.axhline(monitor.soft_limit_bytes / GB, ls="--", color="goldenrod", label="soft limit")
     top.axhline(monitor.hard_limit_bytes / GB, ls="--", color="red", label="hard limit")
-    for outcome, colour in OUTCOME_COLOURS.items():
-        xs = [r["generation"] for r in rows if r["outcome"] == outcome]
-        if xs:  # one tick per slot along the bottom of the panel
-            top.plot(xs, [monitor.soft_limit_bytes / GB * 0.905] * len(xs), "|", ms=9,
-                     color=colour, label=f"{outcome} ({len(xs)})")
     top.set_ylabel("GB (10^9 bytes)")
     top.set_title(title)
-    top.legend(loc="lower right", fontsize=8, ncol=3)
+    top.legend(loc="upper left", fontsize=8, ncol=5)
+    # One row per outcome: each slot that was not completed at full size is a tick.
+    for y, (outcome, colour) in enumerate(OUTCOME_COLOURS.items()):
+        xs = [r["generation"] for r in rows if r["outcome"] == outcome]
+        strip.plot(xs, [y] * len(xs), "|", ms=8, color=colour)
+    strip.set_yticks(range(len(OUTCOME_COLOURS)), [
+        f"{o} ({sum(r['outcome'] == o for r in rows)})" for o in OUTCOME_COLOURS], fontsize=8)
+    strip.set_ylim(-0.7, len(OUTCOME_COLOURS) - 0.3)
     bottom.plot(g, [r["inactive_split_bytes"] / 1e6 for r in rows], lw=0.8, color="tab:purple")
     bottom.set_ylabel("inactive split MB")
-    bottom.set_xlabel("generation (ticks: slots degraded, skipped, aborted)")
+    bottom.set_xlabel("generation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
