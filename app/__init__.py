@@ -1,7 +1,7 @@
 """vortex-vram: the VRAM manager of the Vortex Director node."""
 
 from app._version import __version__
-from app.api import ControlPlane, ControlPlaneError, start_control_plane
+from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
 from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
 from app.config import Settings, SettingsError, load_settings
 from app.errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "check_allocation",
     "check_limits",
     "clear_cuda_cache",
+    "create_app",
     "get_current_vram_usage",
     "get_monitor",
     "get_vram_breakdown",
