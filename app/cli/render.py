@@ -118,7 +118,7 @@ def health(snap: Snapshot) -> Table:
             f"next slot peaks at {gb(snap.get('forecast_peak_bytes'))} GB, headroom ",
             (f"{signed_gb(headroom)} GB", "red" if (headroom or 0) < 0 else "green"),
             f" to the hard limit {limit_gb(snap.get('hard_limit_gb'))} "
-            f"(from {snap.get('forecast_samples')} slots)"))
+            f"({snap.get('forecast_samples')} slots)"))
     return grid
 
 
