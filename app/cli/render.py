@@ -90,12 +90,12 @@ def counters(snap: Snapshot) -> Text:
                 + (f" ({outcomes})" if outcomes else ""))
     _count(text, "failed", snap.get("generations_failed"), "red")
     _count(text, "OOMs caught", snap.get("ooms_caught"), "red")
-    _count(text, "allocator OOMs", snap.get("num_ooms"), "red")
-    _count(text, "alloc retries", snap.get("num_alloc_retries"), "yellow")
+    _count(text, "leak warnings", snap.get("leak_warnings"), "yellow")
     text.append("\n")
     _count(text, "soft excursions", snap.get("soft_limit_violations"), "yellow", first=True)
     _count(text, "hard violations", snap.get("hard_limit_violations"), "red")
-    _count(text, "leak warnings", snap.get("leak_warnings"), "yellow")
+    _count(text, "allocator OOMs", snap.get("num_ooms"), "red")
+    _count(text, "alloc retries", snap.get("num_alloc_retries"), "yellow")
     _count(text, "backend errors", snap.get("backend_errors"), "red")
     text.append("\n")
     _count(text, "cleanups", snap.get("emergency_cleanups"), "", first=True)
@@ -115,10 +115,10 @@ def health(snap: Snapshot) -> Table:
     if (snap.get("forecast_samples") or 0) > 0:
         headroom = snap.get("forecast_headroom_bytes")
         grid.add_row("forecast", Text.assemble(
-            f"next slot peaks at {gb(snap.get('forecast_peak_bytes'))} GB, headroom ",
+            f"next slot's peak {gb(snap.get('forecast_peak_bytes'))} GB, headroom ",
             (f"{signed_gb(headroom)} GB", "red" if (headroom or 0) < 0 else "green"),
-            f" to the hard limit {limit_gb(snap.get('hard_limit_gb'))} "
-            f"({snap.get('forecast_samples')} slots)"))
+            f" under hard {limit_gb(snap.get('hard_limit_gb'))} "
+            f"(from {snap.get('forecast_samples')} slots)"))
     return grid
 
 

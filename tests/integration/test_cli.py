@@ -108,9 +108,9 @@ def test_status_follows_generations_cleanups_and_the_forecast(cli: Run, plane, n
     assert re.search(r"last generation ended \d+\.\ds ago", out)
     forecast = next(line for line in out.splitlines() if "forecast" in line)
     snap = httpx.get(f"{plane.url}/vram/snapshot").json()
-    assert f"peaks at {snap['forecast_peak_bytes'] / 1e9:.3f} GB" in forecast
+    assert f"peak {snap['forecast_peak_bytes'] / 1e9:.3f} GB" in forecast
     assert f"headroom {snap['forecast_headroom_bytes'] / 1e9:+.3f} GB" in forecast
-    assert "hard limit 11.5" in forecast and "(3 slots)" in forecast
+    assert "under hard 11.5 (from 3 slots)" in forecast
 
 
 def test_status_json_is_the_snapshot(cli: Run, plane) -> None:
