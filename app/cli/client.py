@@ -60,6 +60,14 @@ class Answer:
             raise CliError(ExitCode.ERROR, f"the answer (HTTP {self.status}) is not JSON: "
                            f"{self.body[:120]!r}") from None
 
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object, as every answer of the control plane is."""
+        body = self.json()
+        if not isinstance(body, dict):
+            raise CliError(ExitCode.ERROR, f"expected a JSON object, got {type(body).__name__}: "
+                           f"{self.body[:120]!r}")
+        return body
+
     @property
     def detail(self) -> str:
         """The server's ``{"detail": ...}`` message, or the start of a plain-text body."""

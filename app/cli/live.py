@@ -33,7 +33,7 @@ def run_top(client: ControlPlaneClient, console: Console, *, interval_s: float) 
                        "`vortex-vram status` (or --json for scripts)")
     feed = Feed(client)
     feed.refresh()  # unreachable, 503: one line and its exit code, before the screen changes
-    previous_term = signal.signal(signal.SIGTERM, _interrupt)
+    previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         with Keys() as keys, Live(console=console, screen=True, auto_refresh=False,
                                   redirect_stdout=False, redirect_stderr=False) as live:
@@ -50,8 +50,10 @@ def run_top(client: ControlPlaneClient, console: Console, *, interval_s: float) 
         signal.signal(signal.SIGTERM, previous_term)
 
 
-def _interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM: leave through the same doors as Ctrl-C
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    # An exception rather than the default death: Live and Keys restore the terminal on
+    # the way out, and the exit status is still the conventional 128 + 15.
+    raise SystemExit(128 + signum)
 
 
 class Feed:
@@ -69,7 +71,7 @@ class Feed:
         try:
             answer = self.client.get("/vram/snapshot")
             raise_for_answer(answer, "GET /vram/snapshot")
-            snap = answer.json()
+            snap = answer.json_object()
         except CliError as exc:
             if not keep_going:
                 raise
@@ -80,7 +82,10 @@ class Feed:
         if resident != self._models_seen:
             self._models_seen = resident
             answer = self._get_optional("/vram/models")
-            self.models = None if answer is None else answer.json()
+            try:
+                self.models = None if answer is None else answer.json_object()
+            except CliError:
+                self.models = None
         if self.tracker.needs_histograms():
             answer = self._get_optional("/metrics")
             self.histograms_note = None if answer is not None else "/metrics unavailable"

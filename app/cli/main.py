@@ -81,8 +81,8 @@ def status(client: ControlPlaneClient, args: argparse.Namespace, console: Consol
     snap = _get(client, "/vram/snapshot")
     if args.json:
         return _raw(snap.body)
-    models = _get(client, "/vram/models").json()
-    console.print(status_view(snap.json(), models, client.url))
+    models = _get(client, "/vram/models").json_object()
+    console.print(status_view(snap.json_object(), models, client.url))
     return ExitCode.OK
 
 
@@ -90,7 +90,7 @@ def models(client: ControlPlaneClient, args: argparse.Namespace, console: Consol
     answer = _get(client, "/vram/models")
     if args.json:
         return _raw(answer.body)
-    body = answer.json()
+    body = answer.json_object()
     console.print(f"{body.get('device', '?')}: {len(body.get('models', []))} models, "
                   f"{gb(body.get('total_bytes'))} GB resident")
     console.print(models_table(body))
@@ -102,7 +102,7 @@ def cleanup(client: ControlPlaneClient, args: argparse.Namespace, console: Conso
     raise_for_answer(answer, "POST /vram/cleanup", token_given=client.has_token)
     if args.json:
         return _raw(answer.body)
-    body = answer.json()
+    body = answer.json_object()
     if answer.status == 202:
         console.print("cleanup scheduled: a generation is running, and its thread runs the "
                       "cleanup at its next boundary (see the last cleanup in "

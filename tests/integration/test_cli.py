@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -339,6 +340,18 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         subprocess.run(["tmux", "-L", t.socket, "kill-server"], capture_output=True, timeout=10)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _generation_count(screen: str) -> int | None:
     m = re.search(r"generations (\d+) \(", screen)
     return int(m.group(1)) if m else None
@@ -351,7 +364,8 @@ def _cli() -> str:
     return f"{shlex.quote(sys.executable)} -m app.cli"
 
 
-def _run_top_and_quit(tmux: Tmux, url: str, key: str) -> None:
+def _run_top_and_quit(tmux: Tmux, url: str, quit_with: Callable[[], None],
+                      exit_code: int = 0) -> None:
     tmux("send-keys", "-t", "cli", "clear", "Enter")
     tmux("send-keys", "-t", "cli", f"{_cli()} top --url {url}; echo top-exited-$?", "Enter")
     first = tmux.wait_for(
@@ -361,10 +375,10 @@ def _run_top_and_quit(tmux: Tmux, url: str, key: str) -> None:
     assert tmux("display", "-p", "-t", "cli", "#{alternate_on}").strip() == "1"
     seen = _generation_count(first)
     tmux.wait_for(lambda s: (_generation_count(s) or 0) > seen, "a refresh")
-    tmux("send-keys", "-t", "cli", key)
+    quit_with()
     after = tmux.wait_for(lambda s: "top-exited-" in s.replace("top-exited-$?", ""),
                           "the shell after top")
-    assert "top-exited-0" in after, after
+    assert f"top-exited-{exit_code}" in after, after
     # The alternate screen is gone, and nothing of top is left on the shell's screen.
     assert tmux("display", "-p", "-t", "cli", "#{alternate_on} #{cursor_flag}").split() == [
         "0", "1"]
@@ -379,9 +393,19 @@ def _run_top_and_quit(tmux: Tmux, url: str, key: str) -> None:
 
 
 def test_top_in_a_terminal_refreshes_and_quits_cleanly(tmux: Tmux, tmp_path: Path) -> None:
+    def keys(*keys: str) -> Callable[[], None]:
+        return lambda: tmux("send-keys", "-t", "cli", *keys)
+
+    def terminate() -> None:  # as `kill` or a closing session would stop it
+        shell = int(tmux("display", "-p", "-t", "cli", "#{pane_pid}"))
+        top = _children(shell)
+        assert len(top) == 1, top
+        os.kill(top[0], signal.SIGTERM)
+
     with running_demo(tmp_path, "--log-level", "WARNING") as (_proc, url):
-        _run_top_and_quit(tmux, url, "q")  # as a person quits it
-        _run_top_and_quit(tmux, url, "C-c")  # and the other way people quit things
+        _run_top_and_quit(tmux, url, keys("q"))  # as a person quits it
+        _run_top_and_quit(tmux, url, keys("C-c"))  # the other way people quit things
+        _run_top_and_quit(tmux, url, terminate, exit_code=128 + signal.SIGTERM)
 
 
 def test_top_with_no_director_says_so_in_one_line(tmux: Tmux) -> None:

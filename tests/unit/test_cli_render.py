@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from app.cli.bars import Timeline, UsageBar
-from app.cli.client import default_url, read_token
+from app.cli.client import Answer, default_url, read_token
 from app.cli.errors import CliError, ExitCode
 from app.cli.histograms import PEAK, parse, window
 from app.cli.keys import Keys
@@ -171,3 +171,13 @@ def test_keys_on_a_stdin_that_is_no_terminal_only_wait() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_an_answer_that_is_no_json_object_is_a_clear_error() -> None:
+    for body in (b"[1, 2]", b"<html>proxy error</html>"):
+        with pytest.raises(CliError) as caught:
+            Answer(200, {}, body).json_object()
+        assert caught.value.code == ExitCode.ERROR
+    assert Answer(503, {}, b'{"detail": "VRAM backend unavailable: x"}').detail == (
+        "VRAM backend unavailable: x")
+    assert Answer(421, {}, b"misdirected request\n").detail == "misdirected request"
