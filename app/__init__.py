@@ -1,33 +1,31 @@
-"""vortex-vram: the VRAM manager of the Vortex Director node."""
+"""vortex-vram: the VRAM manager of the Vortex Director node.
+
+The public names below are imported on first use (PEP 562), so that a light part of the
+package, the ``vortex-vram`` command above all, does not pay for torch and FastAPI (3 s) when
+it imports ``app.cli``. ``from app import VRAMMonitor`` works as with eager imports.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from app._version import __version__
-from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
-from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
-from app.config import Settings, SettingsError, load_settings
-from app.errors import (
-    CleanupCooldownError,
-    MemoryLeakWarning,
-    MemoryPressureError,
-    MemoryPressureWarning,
-    VortexInitializationError,
-)
-from app.guards import (
-    check_allocation,
-    check_limits,
-    clear_cuda_cache,
-    get_current_vram_usage,
-    get_monitor,
-    get_vram_breakdown,
-    install_monitor,
-)
-from app.monitor import (
-    Admission,
-    Forecast,
-    GenerationRecord,
-    ModelRecord,
-    VRAMMonitor,
-    VRAMSnapshot,
-)
+
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("ControlPlane", "ControlPlaneError", "create_app", "start_control_plane"),
+                    "app.api"),
+    **dict.fromkeys(("CudaBackend", "MemoryBackend", "SimulatedBackend"), "app.backends"),
+    **dict.fromkeys(("Settings", "SettingsError", "load_settings"), "app.config"),
+    **dict.fromkeys(("CleanupCooldownError", "MemoryLeakWarning", "MemoryPressureError",
+                     "MemoryPressureWarning", "VortexInitializationError"), "app.errors"),
+    **dict.fromkeys(("check_allocation", "check_limits", "clear_cuda_cache",
+                     "get_current_vram_usage", "get_monitor", "get_vram_breakdown",
+                     "install_monitor"), "app.guards"),
+    **dict.fromkeys(("Admission", "Forecast", "GenerationRecord", "ModelRecord",
+                     "VRAMMonitor", "VRAMSnapshot"), "app.monitor"),
+}
 
 __all__ = [
     "Admission",
@@ -60,3 +58,46 @@ __all__ = [
     "load_settings",
     "start_control_plane",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'app' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # once: later lookups don't come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
+    from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
+    from app.config import Settings, SettingsError, load_settings
+    from app.errors import (
+        CleanupCooldownError,
+        MemoryLeakWarning,
+        MemoryPressureError,
+        MemoryPressureWarning,
+        VortexInitializationError,
+    )
+    from app.guards import (
+        check_allocation,
+        check_limits,
+        clear_cuda_cache,
+        get_current_vram_usage,
+        get_monitor,
+        get_vram_breakdown,
+        install_monitor,
+    )
+    from app.monitor import (
+        Admission,
+        Forecast,
+        GenerationRecord,
+        ModelRecord,
+        VRAMMonitor,
+        VRAMSnapshot,
+    )

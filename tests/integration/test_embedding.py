@@ -31,8 +31,8 @@ def test_the_control_plane_mounted_in_the_directors_app(node):
         assert httpx.get(f"{base}/director/status").json() == {"slots": 42}
         snap = httpx.get(f"{base}/vortex/vram/snapshot").json()
         assert snap["models"]["flux"] == 6.0
-        assert [m["name"] for m in httpx.get(f"{base}/vortex/vram/models").json()["models"]][
-            0] == "flux"
+        models = httpx.get(f"{base}/vortex/vram/models").json()["models"]
+        assert models[0]["name"] == "flux"
         assert httpx.post(f"{base}/vortex/vram/cleanup").status_code == 401
         assert httpx.post(f"{base}/vortex/vram/cleanup", headers=AUTH).status_code == 200
         r = httpx.get(f"{base}/vortex/vram/snapshot", headers={"Host": "evil.example"})

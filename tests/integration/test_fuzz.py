@@ -57,10 +57,12 @@ def test_hostile_requests_change_nothing(plane, node):
         assert c.get(f"{plane.url}/vram/snapshot", headers=flood).status_code == 431
         assert c.post(url, content=b"{" * 1_000_000).status_code == 401  # big garbage body
     for payload in (
-        b"GET /vram/snapshot HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /vram/snapshot HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+        b"Content-Length: 2\r\n\r\n",
         b"GET\r\n\r\n",
         b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
-        b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /vram/cleanup HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\nzz\r\n",
         b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         b"\x00\x01\x02\x03" * 100,
     ):

@@ -111,7 +111,7 @@ def test_degraded_slots_are_counted_at_full_size(node):
 
 
 def test_a_refused_request_teaches_the_forecast_what_the_slot_wanted(node):
-    monitor, card = node
+    monitor, _card = node
     for slot in range(10):
         with pytest.raises(MemoryPressureError), monitor.generation(slot), \
                 monitor.stage("flux"):

@@ -40,3 +40,17 @@ def test_without_cuda_auto_falls_back_to_the_simulated_card_loudly(monkeypatch, 
     assert app.check_limits() == 0
     assert app.get_monitor().device == "sim:0"
     assert any(r.levelname == "WARNING" and "SIMULATED" in r.getMessage() for r in caplog.records)
+
+
+def test_the_public_names_import_on_first_use_and_match_all():
+    import subprocess
+    import sys
+
+    assert sorted(app.__all__) == sorted([*app._EXPORTS, "__version__"])
+    for name in app.__all__:
+        assert getattr(app, name) is not None, name
+    # The vortex-vram command imports app.cli without torch (3 s of start-up).
+    code = "import sys, app.cli.main; print('torch' in sys.modules, 'fastapi' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False", "False"]

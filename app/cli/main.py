@@ -1,0 +1,149 @@
+"""``vortex-vram``: the operator's view of one Director, over its HTTP control plane."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+
+from app.cli.client import Answer, ControlPlaneClient, default_url, read_token
+from app.cli.errors import EPILOG, CliError, ExitCode, raise_for_answer
+from app.cli.render import models_table, status_view
+from app.cli.units import gb
+
+PROG = "vortex-vram"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The common options are accepted before or after the subcommand; SUPPRESS keeps a
+    # subparser from overwriting a value given before it with its default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help="the control plane (default: http://VORTEX_HOST:VORTEX_PORT, "
+                        f"now {default_url()})")
+    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="PATH",
+                        help="file holding the bearer token for cleanup "
+                        "(else VORTEX_TOKEN_FILE, else VORTEX_TOKEN)")
+    common.add_argument("--timeout", type=_positive, default=argparse.SUPPRESS, metavar="S",
+                        help="seconds to wait for an answer (default 5)")
+    ap = argparse.ArgumentParser(
+        prog=PROG, parents=[common], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The VRAM of one Vortex Director, from its control plane: a status "
+        "report, a live view, the models, an emergency cleanup. GB = 10^9 bytes.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (("status", "device, usage against the limits, models, counters, "
+                        "leak trend, last cleanup, liveness, admission forecast"),
+                       ("models", "the resident models and their budgets"),
+                       ("cleanup", "run an emergency cleanup (gc + empty_cache) and say what "
+                        "it freed")):
+        p = sub.add_parser(name, parents=[common], help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--json", action="store_true",
+                       help="print the control plane's JSON answer as it came")
+    top = sub.add_parser("top", parents=[common], epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help="live full-screen view; q quits",
+                         description="A live view: usage over time against the limits, the "
+                         "models, recent generations' peaks and deltas, events. q or Ctrl-C "
+                         "quits.")
+    top.add_argument("--interval", type=_positive, default=1.0, metavar="S",
+                     help="seconds between refreshes (default 1)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = getattr(args, "url", None) or default_url()
+    timeout = getattr(args, "timeout", 5.0)
+    console = Console(highlight=False)
+    try:
+        token = read_token(getattr(args, "token_file", None)) if args.command == "cleanup" \
+            else None
+        with ControlPlaneClient(url, token=token, timeout=timeout) as client:
+            return COMMANDS[args.command](client, args, console)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`vortex-vram models | head -1`): no traceback, and no second
+        # error when the interpreter flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+
+
+def status(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    snap = _get(client, "/vram/snapshot")
+    if args.json:
+        return _raw(snap.body)
+    models = _get(client, "/vram/models").json_object()
+    console.print(status_view(snap.json_object(), models, client.url))
+    return ExitCode.OK
+
+
+def models(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    answer = _get(client, "/vram/models")
+    if args.json:
+        return _raw(answer.body)
+    body = answer.json_object()
+    console.print(f"{body.get('device', '?')}: {len(body.get('models', []))} models, "
+                  f"{gb(body.get('total_bytes'))} GB resident")
+    console.print(models_table(body))
+    return ExitCode.OK
+
+
+def cleanup(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    answer = client.post("/vram/cleanup")
+    raise_for_answer(answer, "POST /vram/cleanup", token_given=client.has_token)
+    if args.json:
+        return _raw(answer.body)
+    body = answer.json_object()
+    if answer.status == 202:
+        console.print("cleanup scheduled: a generation is running, and its thread runs the "
+                      "cleanup at its next boundary (see the last cleanup in "
+                      f"`{PROG} status`)")
+        return ExitCode.OK
+    console.print(f"cleanup freed {gb(body.get('freed_bytes'))} GB: reserved "
+                  f"{gb(body.get('reserved_before_bytes'))} → "
+                  f"{gb(body.get('reserved_after_bytes'))} GB, allocated "
+                  f"{gb(body.get('allocated_bytes'))} GB, in {body.get('duration_s', 0):.3f}s")
+    return ExitCode.OK
+
+
+def top(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    from app.cli.live import run_top  # termios and the live view: only for top
+
+    return run_top(client, console, interval_s=args.interval)
+
+
+COMMANDS: dict[str, Callable[[ControlPlaneClient, argparse.Namespace, Console], int]] = {
+    "status": status, "models": models, "cleanup": cleanup, "top": top,
+}
+
+
+def _get(client: ControlPlaneClient, path: str) -> Answer:
+    answer = client.get(path)
+    raise_for_answer(answer, f"GET {path}")
+    return answer
+
+
+def _raw(body: bytes) -> int:
+    """The answer as it came, for jq and scripts; a newline so shells print it cleanly."""
+    sys.stdout.buffer.write(body.rstrip(b"\n") + b"\n")
+    sys.stdout.flush()
+    return ExitCode.OK
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value

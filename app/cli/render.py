@@ -1,0 +1,193 @@
+"""One snapshot laid out for people: the panels ``status`` prints once and ``top`` refreshes.
+
+Every field is read with ``.get``: a Director of another version may add or lack some, and
+the view shows a dash rather than failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from app.cli.bars import ShareBar, UsageBar, zone_style
+from app.cli.units import MB, clock, duration, gb, limit_gb, seconds_between, signed_gb
+
+Snapshot = Mapping[str, Any]
+
+
+def header(snap: Snapshot, url: str) -> Panel:
+    """Device, its UUID, usage against the limits, and where the figures come from."""
+    used, total = snap.get("usage_bytes") or 0, snap.get("device_total_bytes") or 0
+    soft, hard = snap.get("soft_limit_bytes"), snap.get("hard_limit_bytes")
+    basis = snap.get("limit_basis", "allocated")
+    title = Text.assemble(("vortex-vram", "bold"), "  ", (str(snap.get("device", "?")), "cyan"),
+                          "  ", str(snap.get("device_name", "")))
+    ident = Text.assemble("uuid ", (str(snap.get("device_uuid") or "—"), "dim"), "   ", url)
+    usage = Text.assemble(
+        "usage ", (f"{gb(used)} GB", zone_style(used, soft, hard)),
+        f" ({basis}) of {gb(total)} GB   ", ("┃", "bold yellow"),
+        f" soft {limit_gb(snap.get('soft_limit_gb'))}  ", ("┃", "bold red"),
+        f" hard {limit_gb(snap.get('hard_limit_gb'))}")
+    detail = Text(
+        f"allocated {gb(snap.get('allocated_bytes'))}  reserved {gb(snap.get('reserved_bytes'))}"
+        f"  free {gb(snap.get('device_free_bytes'))}  non-torch {gb(snap.get('non_torch_bytes'))}"
+        f"  fragmentation {100 * (snap.get('fragmentation_ratio') or 0):.2f}%", style="dim",
+        no_wrap=True, overflow="ellipsis")
+    body = Group(ident, usage, UsageBar(used, total, soft, hard), detail)
+    return Panel(body, title=title, title_align="left",
+                 subtitle=clock(snap.get("timestamp")), subtitle_align="right")
+
+
+def models_table(models: Mapping[str, Any] | None, *, card_bytes: int | None = None,
+                 resident_gb: Mapping[str, float] | None = None,
+                 compact: bool = False) -> Table:
+    """Each model's resident memory, its budget, and its share of the card when the card's
+    size is known. ``models`` is ``/vram/models``' answer; without it, the snapshot's
+    ``resident_gb`` figures, and no budgets. ``compact``: name, resident and budget only."""
+    rows = []
+    if models is not None:
+        for m in models.get("models", []):
+            rows.append((str(m.get("name", "?")), m.get("vram_bytes"), m.get("budget_bytes"),
+                         bool(m.get("over_budget"))))
+    else:
+        for name, vram_gb in (resident_gb or {}).items():
+            rows.append((name, round(vram_gb * 1e9), None, False))
+    table = Table(box=None, expand=bool(card_bytes), pad_edge=False, header_style="bold")
+    table.add_column("model")
+    table.add_column("GB" if compact else "resident GB", justify="right")
+    table.add_column("budget" if compact else "budget GB", justify="right")
+    if not compact:
+        table.add_column("of budget", justify="right")
+    if card_bytes and not compact:
+        table.add_column("share of the card", ratio=1, no_wrap=True)
+    for name, vram, budget, over in rows:
+        of_budget = f"{100 * vram / budget:.1f}%" if vram is not None and budget else "—"
+        style = "bold red" if over else ""
+        cells: list[RenderableType] = [
+            Text(name + (" OVER" if over and compact else ""), style=style), gb(vram), gb(budget)]
+        if not compact:
+            cells.append(Text(of_budget + (" OVER" if over else ""), style=style))
+        if card_bytes and not compact:
+            cells.append(ShareBar((vram or 0) / card_bytes, "red" if over else "cyan"))
+        table.add_row(*cells)
+    if not rows:
+        table.add_row(Text("no models registered", style="dim"))
+    else:
+        table.add_row(Text("total", style="dim"), gb(sum(r[1] or 0 for r in rows)))
+    return table
+
+
+def counters(snap: Snapshot) -> Text:
+    """The monitor's counters since the Director started; non-zero trouble is coloured."""
+    text = Text()
+    outcomes = _pairs(snap.get("slot_outcomes"))
+    text.append(f"generations {_n(snap.get('generation_count'))}"
+                + (f" ({outcomes})" if outcomes else ""))
+    _count(text, "failed", snap.get("generations_failed"), "red")
+    _count(text, "OOMs caught", snap.get("ooms_caught"), "red")
+    _count(text, "leak warnings", snap.get("leak_warnings"), "yellow")
+    text.append("\n")
+    _count(text, "soft excursions", snap.get("soft_limit_violations"), "yellow", first=True)
+    _count(text, "hard violations", snap.get("hard_limit_violations"), "red")
+    _count(text, "allocator OOMs", snap.get("num_ooms"), "red")
+    _count(text, "alloc retries", snap.get("num_alloc_retries"), "yellow")
+    _count(text, "backend errors", snap.get("backend_errors"), "red")
+    text.append("\n")
+    _count(text, "cleanups", snap.get("emergency_cleanups"), "", first=True)
+    _count(text, "failed cleanups", snap.get("cleanup_failures"), "red")
+    text.append(f"  admissions {_pairs(snap.get('admissions')) or '—'}")
+    return text
+
+
+def health(snap: Snapshot) -> Table:
+    """Leak trend, last cleanup, liveness and the admission forecast, one line each."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("leak trend", _leak(snap))
+    grid.add_row("last cleanup", _cleanup(snap.get("last_cleanup")))
+    grid.add_row("liveness", _liveness(snap))
+    if (snap.get("forecast_samples") or 0) > 0:
+        headroom = snap.get("forecast_headroom_bytes")
+        grid.add_row("forecast", Text.assemble(
+            f"next slot's peak {gb(snap.get('forecast_peak_bytes'))} GB, headroom ",
+            (f"{signed_gb(headroom)} GB", "red" if (headroom or 0) < 0 else "green"),
+            f" under hard {limit_gb(snap.get('hard_limit_gb'))} "
+            f"(from {snap.get('forecast_samples')} slots)"))
+    return grid
+
+
+def snapshot_models(snap: Snapshot, models: Mapping[str, Any] | None, *,
+                    compact: bool = False) -> Table:
+    return models_table(models, card_bytes=snap.get("device_total_bytes"),
+                        resident_gb=snap.get("models"), compact=compact)
+
+
+def status_view(snap: Snapshot, models: Mapping[str, Any] | None, url: str) -> RenderableType:
+    """What ``vortex-vram status`` prints."""
+    return Group(
+        header(snap, url),
+        Panel(snapshot_models(snap, models), title="models", title_align="left"),
+        Panel(Group(counters(snap), health(snap)), title="monitor", title_align="left"),
+    )
+
+
+def _pairs(mapping: object) -> str:
+    if not isinstance(mapping, Mapping):
+        return ""
+    return ", ".join(f"{k} {v}" for k, v in mapping.items())
+
+
+def _n(value: object) -> str:
+    return "—" if value is None else str(value)
+
+
+def _count(text: Text, label: str, value: object, style: str, *, first: bool = False) -> None:
+    text.append(("" if first else "  ") + f"{label} ")
+    trouble = isinstance(value, int) and value > 0 and style
+    text.append(_n(value), style=style if trouble else "")
+
+
+def _leak(snap: Snapshot) -> Text:
+    slope = snap.get("leak_bytes_per_generation")
+    left = snap.get("leak_generations_to_hard_limit")
+    if slope is None:
+        return Text("—")
+    # MB per slot: the unit of the monitor's leak threshold and warnings; as GB it reads 0.000.
+    text = Text(f"{slope / MB:+.2f} MB/generation, ")
+    if left is None:
+        text.append("not heading for the hard limit")
+    else:
+        text.append(f"hard limit in {left:.0f} generations", style="yellow")
+    return text
+
+
+def _cleanup(last: object) -> Text:
+    if not isinstance(last, Mapping):
+        return Text("none since start", style="dim")
+    return Text(
+        f"{last.get('reason', '?')} at {clock(last.get('timestamp'))}: freed "
+        f"{gb(last.get('freed_bytes'))} GB (reserved {gb(last.get('reserved_before_bytes'))} → "
+        f"{gb(last.get('reserved_after_bytes'))} GB) in {duration(last.get('duration_s'))}")
+
+
+def _liveness(snap: Snapshot) -> Text:
+    running = snap.get("running_slot")
+    text = Text()
+    if running is not None:
+        text.append(f"slot {running} running for {duration(snap.get('running_s'))}")
+    else:
+        text.append("idle")
+    age = seconds_between(snap.get("last_generation_at"), snap.get("timestamp"))
+    text.append("; last generation " +
+                ("none yet" if age is None else f"ended {duration(age)} ago"))
+    if snap.get("stalled"):
+        text.append("; STALLED", style="bold red")
+    else:
+        text.append("; not stalled")
+    return text
