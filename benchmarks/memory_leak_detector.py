@@ -3,8 +3,9 @@
     python benchmarks/memory_leak_detector.py --simulate --generations 500           # exit 0
     python benchmarks/memory_leak_detector.py --simulate --inject-leak-mb 2          # exit 1
 
-Exit 0 when no leak window closed past the threshold (100 MB over 100 generations); exit 1
-with a report (bytes per generation, generations left before the hard limit) when one did.
+Exit 0 when the monitor reported no leak (growth past 100 MB within a window of 100
+generations, or since the first generation); exit 1 with a report (bytes per generation,
+generations left before the hard limit) when it did.
 ``--inject-leak-mb X`` keeps X MB alive after every slot to prove the detector catches it.
 """
 
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if c.leak_warnings:
         left = report["generations_to_hard_limit"]
-        print(f"\nLEAK on {label}: {c.leak_warnings} window(s) grew past {args.threshold_mb:g} MB "
-              f"over {args.window} generations (first at generation {first_warning_at}); "
+        print(f"\nLEAK on {label}: {c.leak_warnings} report(s) of growth past "
+              f"{args.threshold_mb:g} MB, within a {args.window}-generation window or since the "
+              f"first generation (first at generation {first_warning_at}); "
               f"trend {t.bytes_per_generation / MB:+.2f} MB/generation, "
               + ("at the hard limit already" if left == 0 else
                  f"~{left:.0f} generations left before the hard limit" if left else "flat now")
