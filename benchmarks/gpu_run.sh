@@ -4,7 +4,7 @@
 #
 # Prepare here, once: the wheels the device lacks (fastapi, uvicorn, pydantic... by default,
 # plus the extras named) into .whl/, which git ignores:
-#   ../shared/device/fetch-wheels.sh httptools tqdm
+#   ../shared/device/fetch-wheels.sh httptools tqdm orjson
 # Then the device command, carrying the wheels (its 600 s limit; the run ends by itself within
 # BUDGET_S, 480 s by default):
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
@@ -71,7 +71,7 @@ sim=(); [ "$cuda" = 1 ] || sim=(--simulate)
 # Rough costs on an H100, from the CPU timings and the CUDA read costs (not yet measured
 # there); each step also pays ~5 s to import torch.
 # What the tests and tools import; the device image lacks the web stack without .whl.
-step imports 30 "$PY" -c 'import fastapi, uvicorn, pydantic_settings, tqdm, matplotlib, pytest'
+step imports 30 "$PY" -c 'import fastapi, uvicorn, pydantic_settings, dotenv, orjson, tqdm, matplotlib, pytest, app.api'
 # ~1 min: the backend and the card's seven cases under the 12 GB cap.
 step pytest-gpu 150 "$PY" -m pytest --gpu -q -p no:cacheprovider \
   tests/gpu tests/integration/test_cuda_card_cases.py
