@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 
 from app._version import __version__
 from app.monitor import VRAMMonitor
-from app.monitor.records import HistogramState
+from app.monitor.records import HistogramState, ModelRecord
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,10 @@ class VRAMCollector:
             logger.exception("VRAM backend read failed during a scrape")
             snap = None
         live = m.liveness()
+        models = m.models()
         yield _gauge("backend_up", "1 if the last backend read succeeded.", device,
                      0.0 if snap is None else 1.0)
-        ready = m.preflight_passed and bool(m.models()) and not live.stalled
+        ready = m.preflight_passed and bool(models) and not live.stalled
         yield _gauge("ready", "1 once pre-flight passed and models are registered, while no "
                      "generation is stalled (as /readyz).", device, 1.0 if ready else 0.0)
         info = GaugeMetricFamily(P + "build_info", "Versions and the device, as labels; "
@@ -189,19 +190,19 @@ class VRAMCollector:
                 c.add_metric([device, value], float(counts.get(value, 0)))
             yield c
 
-        yield from self._models(device)
+        yield from self._models(device, models)
         histograms = m.histograms()
         for name, (field, doc) in _HISTOGRAMS.items():
             yield _histogram(P + name, doc, device, getattr(histograms, field))
 
-    def _models(self, device: str) -> Iterator[Metric]:
+    def _models(self, device: str, models: list[ModelRecord]) -> Iterator[Metric]:
         labels = ["device", "model"]
         mb = GaugeMetricFamily(P + "model_bytes", "Resident bytes of each model.", labels=labels)
         mbud = GaugeMetricFamily(P + "model_budget_bytes", "Budget of each model.",
                                  labels=labels)
         mover = GaugeMetricFamily(P + "model_over_budget",
                                   "1 if the model holds more than its budget.", labels=labels)
-        for rec in self._monitor.models():
+        for rec in models:
             mb.add_metric([device, rec.name], float(rec.vram_bytes))
             if rec.budget_bytes is not None:
                 mbud.add_metric([device, rec.name], float(rec.budget_bytes))

@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import replace
+from types import MappingProxyType
 
 from app.monitor.admission import Forecaster
 from app.monitor.histogram import ACTIVATION_BOUNDS, DELTA_BOUNDS, PEAK_BOUNDS, Histogram
@@ -18,6 +19,7 @@ from app.monitor.records import (
     LeakFinding,
     LeakTrend,
     Liveness,
+    TrackerSummary,
 )
 
 HISTORY = 100  # generation records kept for the control plane
@@ -222,11 +224,25 @@ class GenerationTracker:
 
     def liveness(self, stall_after_s: float) -> Liveness:
         with self._lock:
-            slot = None if self._active is None else self._active.slot
-            since = self._active_since
-            last, post = self._last_finished_at, self._post_generation_bytes
+            return self._liveness(stall_after_s)
+
+    def _liveness(self, stall_after_s: float) -> Liveness:
+        slot = None if self._active is None else self._active.slot
+        since = self._active_since
         running_s = 0.0 if since is None else time.monotonic() - since
-        return Liveness(since is not None, slot, running_s, running_s > stall_after_s, last, post)
+        return Liveness(since is not None, slot, running_s, running_s > stall_after_s,
+                        self._last_finished_at, self._post_generation_bytes)
+
+    def summary(self, stall_after_s: float) -> TrackerSummary:
+        """Everything a snapshot needs from the slots, read under one lock: the figures agree
+        with each other (the outcomes add up to the generations counted, say)."""
+        with self._lock:
+            if self._trend is None:
+                self._trend = self._leak.trend()
+            return TrackerSummary(
+                self._generations, self._failed, self._ooms, self._leak_warnings,
+                MappingProxyType(dict(self._outcomes)), MappingProxyType(dict(self._admissions)),
+                self._trend, self._liveness(stall_after_s), self._forecaster.forecast())
 
     def histograms(self) -> tuple[HistogramState, HistogramState, HistogramState]:
         """(peak, activation, delta) bytes of the generations so far."""

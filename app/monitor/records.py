@@ -166,6 +166,21 @@ class Liveness:
 
 
 @dataclass(frozen=True, slots=True)
+class TrackerSummary:
+    """The slots' figures at one moment (``GenerationTracker.summary``)."""
+
+    generations: int
+    failed: int
+    ooms: int
+    leak_warnings: int
+    outcomes: Mapping[str, int]
+    admissions: Mapping[str, int]
+    trend: LeakTrend
+    liveness: Liveness
+    forecast: Forecast
+
+
+@dataclass(frozen=True, slots=True)
 class MonitorCounters:
     soft_limit_violations: int
     hard_limit_violations: int

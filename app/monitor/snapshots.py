@@ -55,11 +55,8 @@ class SnapshotBuilder:
         s = b.sample()
         dm = b.device_memory(s)
         models = {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
-        generations, failed, ooms, leaks = self._slots.counts()
-        outcomes, admissions = self._slots.slot_counts()
-        t = self._slots.leak_trend()
-        live = self._slots.liveness(self.stall_after_s)
-        f = self._slots.forecast()
+        slots = self._slots.summary(self.stall_after_s)
+        t, live, f = slots.trend, slots.liveness, slots.forecast
         cleanups, _, cleanup_failures = self._cleaner.totals()
         usage = s[self._basis_index]
         hard = self._limits.hard_limit_bytes
@@ -81,17 +78,17 @@ class SnapshotBuilder:
             num_ooms=s.num_ooms, soft_limit_bytes=self._limits.soft_limit_bytes,
             hard_limit_bytes=self._limits.hard_limit_bytes,
             soft_limit_gb=to_gb(self._limits.soft_limit_bytes),
-            hard_limit_gb=to_gb(self._limits.hard_limit_bytes), generation_count=generations,
+            hard_limit_gb=to_gb(self._limits.hard_limit_bytes), generation_count=slots.generations,
             soft_limit_violations=self._limits.soft_violations,
             hard_limit_violations=self._limits.hard_violations,
-            emergency_cleanups=cleanups, leak_warnings=leaks,
+            emergency_cleanups=cleanups, leak_warnings=slots.leak_warnings,
             leak_bytes_per_generation=round(t.bytes_per_generation, 1),
             leak_generations_to_hard_limit=None if t.generations_to_hard_limit is None
             else round(t.generations_to_hard_limit, 1),
             post_generation_allocated_bytes=live.post_generation_allocated_bytes,
-            generations_failed=failed, ooms_caught=ooms, backend_errors=self._faults.count,
-            cleanup_failures=cleanup_failures, slot_outcomes=frozen_mapping(outcomes),
-            admissions=frozen_mapping(admissions), running_slot=live.slot,
+            generations_failed=slots.failed, ooms_caught=slots.ooms,
+            backend_errors=self._faults.count, cleanup_failures=cleanup_failures,
+            slot_outcomes=slots.outcomes, admissions=slots.admissions, running_slot=live.slot,
             running_s=round(live.running_s, 3), stalled=live.stalled,
             last_generation_at=None if live.last_generation_at is None
             else utc_timestamp(live.last_generation_at),
