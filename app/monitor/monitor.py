@@ -487,7 +487,7 @@ class VRAMMonitor:
         return self._decided(Admission(
             "refuse", peak, hard - peak, round(scale, 4),
             f"forecast peak {peak / GB:.2f}GB > hard_limit {hard / GB:.2f}GB; "
-            f"{scale:.0%} of the forecast activations fit", slot, activation))
+            f"{scale:.1%} of the forecast activations fit", slot, activation))
 
     def _decided(self, a: Admission) -> Admission:
         self._slots.count_admission(a.decision)
