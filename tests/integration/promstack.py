@@ -116,29 +116,35 @@ def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
 @contextmanager
 def running_prometheus(config: Path, port: int, workdir: Path) -> Iterator[httpx.Client]:
     assert PROMETHEUS is not None
-    with _process(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prom-data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        workdir / "prometheus.log",
-    ) as proc, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-        poll(lambda: proc.poll() is not None or api(client, "/-/ready", raw=True),
-             "Prometheus to be ready")
-        assert proc.poll() is None, (workdir / "prometheus.log").read_text()
+    with _running_server("prometheus", [
+        PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prom-data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+    ], port, workdir) as client:
         yield client
 
 
 @contextmanager
 def running_alertmanager(config: Path, port: int, workdir: Path) -> Iterator[httpx.Client]:
     assert ALERTMANAGER is not None
-    with _process(
-        [ALERTMANAGER, f"--config.file={config}", f"--storage.path={workdir / 'am-data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-         "--log.level=warn"],
-        workdir / "alertmanager.log",
-    ) as proc, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+    with _running_server("alertmanager", [
+        ALERTMANAGER, f"--config.file={config}", f"--storage.path={workdir / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+        "--log.level=warn",
+    ], port, workdir) as client:
+        yield client
+
+
+@contextmanager
+def _running_server(name: str, argv: list[str], port: int,
+                    workdir: Path) -> Iterator[httpx.Client]:
+    """``argv`` started and ready (``/-/ready``), with a client on ``port``; its log in
+    ``<workdir>/<name>.log`` is shown if it dies while starting."""
+    log = workdir / f"{name}.log"
+    with _process(argv, log) as proc, \
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         poll(lambda: proc.poll() is not None or api(client, "/-/ready", raw=True),
-             "Alertmanager to be ready")
-        assert proc.poll() is None, (workdir / "alertmanager.log").read_text()
+             f"{name} to be ready")
+        assert proc.poll() is None, log.read_text()
         yield client
 
 
