@@ -1,8 +1,10 @@
 """Memory backends: where the monitor's figures come from."""
 
+from app.backends.alloc_conf import AllocatorSettings, parse_alloc_conf
 from app.backends.base import (
     ALLOCATION_ROUNDING,
     AllocatorSample,
+    CacheState,
     DeviceMemory,
     MemoryBackend,
     OutOfMemoryError,
@@ -15,6 +17,8 @@ from app.backends.simulated import SimulatedBackend
 __all__ = [
     "ALLOCATION_ROUNDING",
     "AllocatorSample",
+    "AllocatorSettings",
+    "CacheState",
     "CudaBackend",
     "DeviceMemory",
     "MemoryBackend",
@@ -23,5 +27,6 @@ __all__ = [
     "default_backend",
     "is_oom_error",
     "make_backend",
+    "parse_alloc_conf",
     "simulated_rtx_3060",
 ]

@@ -6,6 +6,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from app.backends.alloc_conf import AllocatorSettings
 from app.errors import MemoryPressureError
 
 # The caching allocator rounds every block up to a multiple of this (kMinBlockSize in
@@ -81,6 +82,26 @@ class DeviceMemory(NamedTuple):
     non_torch_bytes: int
 
 
+class CacheState(NamedTuple):
+    """What the allocator would do with one request, and what its cache could give, in bytes.
+
+    The backend answers it on the slow path of a decision (when the counters alone cannot
+    tell that a new segment has room); the allocator model (app/monitor/placement.py) turns
+    it into the monitor's verdicts. ``estimate`` is True where the backend could not read the
+    cache exactly at this moment (CUDA between two allocator snapshots).
+    """
+
+    request_bytes: int  # the request as the allocator rounds it; 0 for a zero-byte request
+    reuse_bytes: int  # the cached free block it would take (best fit); 0: none fits
+    new_bytes: int  # what it would newly reserve when none fits: a segment, or pages
+    room_bytes: int  # what may still be reserved without releasing anything (device, cap)
+    releasable_bytes: int  # what empty_cache() would return now
+    largest_free_block_bytes: int  # the large pool's largest cached free block
+    inactive_split_bytes: int
+    expandable: bool  # expandable_segments is in force
+    estimate: bool = False
+
+
 @runtime_checkable
 class MemoryBackend(Protocol):
     """A device whose memory the monitor watches.
@@ -107,6 +128,22 @@ class MemoryBackend(Protocol):
         ...
 
     def sample(self) -> AllocatorSample: ...
+
+    @property
+    def allocator_settings(self) -> AllocatorSettings:
+        """The caching allocator's settings in force (``PYTORCH_ALLOC_CONF``)."""
+        ...
+
+    def reservable_bytes(self) -> int:
+        """The most the allocator may hold from the device (the card less what others hold,
+        within any per-process cap), as last known; cheap: the guards' common case compares
+        a new segment with it, without reading the device."""
+        ...
+
+    def cache_state(self, nbytes: int) -> CacheState:
+        """What a request of ``nbytes`` would do now, read from the allocator's cache. Costlier
+        than ``sample()``; called only when the counters cannot decide."""
+        ...
 
     def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:
         """The device's figures. Pass the ``sample`` taken for the same snapshot so that its

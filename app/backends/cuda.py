@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import time
@@ -12,7 +13,13 @@ from typing import Any
 
 import torch
 
-from app.backends.base import AllocatorSample, DeviceMemory
+from app.backends.alloc_conf import (
+    DEFAULT_SETTINGS,
+    AllocatorSettings,
+    parse_alloc_conf,
+    settings_from_environment,
+)
+from app.backends.base import AllocatorSample, CacheState, DeviceMemory
 from app.errors import VortexInitializationError
 
 logger = logging.getLogger(__name__)
@@ -73,11 +80,17 @@ class CudaBackend:
         self._dump_seq = itertools.count()
         if memory_history:
             torch.cuda.memory._record_memory_history(max_entries=history_entries)
+        self._settings = _settings_in_force()
+        self._total_bytes = int(torch.cuda.mem_get_info(device)[1])
+        self._non_torch = 0  # refreshed by every device read (mem_get_info)
+        self._view: _CacheView | None = None  # the last allocator snapshot, digested
+        self.snapshot_min_interval_s = 1.0
         raw = getattr(torch._C, "_cuda_memoryStats", None)
         self._read_stats: Callable[[], dict[str, Any]] = (
             (lambda: raw(device)) if raw is not None
             else (lambda: torch.cuda.memory_stats_as_nested_dict(device))
         )
+        self.device_memory()  # the non-torch share, for reservable_bytes()
 
     @property
     def device(self) -> str:
@@ -96,16 +109,7 @@ class CudaBackend:
         return self._uuid
 
     def sample(self) -> AllocatorSample:
-        s = self._read_stats()
-        allocated = s["allocated_bytes"]["all"]
-        return AllocatorSample(
-            allocated["current"],
-            s["reserved_bytes"]["all"]["current"],
-            allocated["peak"],
-            s["inactive_split_bytes"]["all"]["current"],
-            s["num_alloc_retries"],
-            s["num_ooms"],
-        )
+        return _sample_of(self._read_stats())
 
     def memory_fraction(self) -> float:
         """The share of the card this process may reserve: the one this backend set, else
@@ -129,7 +133,89 @@ class CudaBackend:
             total = int(fraction * total)
             free = min(free, total - reserved)
         free = max(0, free)
-        return DeviceMemory(free, total, max(0, total - free - reserved))
+        self._non_torch = max(0, total - free - reserved)
+        return DeviceMemory(free, total, self._non_torch)
+
+    # -- what the allocator model asks ------------------------------------------------------
+
+    @property
+    def allocator_settings(self) -> AllocatorSettings:
+        return self._settings
+
+    def reservable_bytes(self) -> int:
+        """The cap (``memory_fraction``), else the card less what other holders took at the
+        last device read. No driver call: the guards' common case compares a new segment with
+        it. Stale between device reads by what another process took meanwhile; every slow
+        path (``cache_state``) and snapshot reads the device again."""
+        fraction = self.memory_fraction()
+        if fraction < 1.0:
+            return int(fraction * self._total_bytes)
+        return self._total_bytes - self._non_torch
+
+    def cache_state(self, nbytes: int) -> CacheState:
+        """From the cheapest source that answers, cheapest first (costs measured on a lent GPU
+        go in docs/gpu-results.md):
+
+        * the allocator's stats (one read, as ``sample()``): per pool, the cached free bytes
+          (reserved - active) and the inactive split, so releasable = cached free - inactive
+          split exactly, and "no cached block can fit" whenever the pool's cached free bytes
+          are below the request;
+        * ``mem_get_info``: the device's room (a driver call);
+        * the allocator snapshot, only when a cached block might fit, or under expandable
+          segments (whose free pages the stats do not show): the free blocks, best fit
+          exactly. It is reused while the allocator's counters show no allocation, free or
+          segment change since; when they moved it is retaken at most once per
+          ``snapshot_min_interval_s``, and an older one answers meanwhile (``estimate``).
+        """
+        st = self._settings
+        stats = self._read_stats()
+        dm = self.device_memory(_sample_of(stats))
+        reserved = stats["reserved_bytes"]["all"]["current"]
+        room = max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
+        size = st.round_size(nbytes) if nbytes > 0 else 0
+        pool = "small_pool" if st.is_small(size) and size else "large_pool"
+        cached = {p: stats["reserved_bytes"][p]["current"] - stats["active_bytes"][p]["current"]
+                  for p in ("small_pool", "large_pool")}
+        split = {p: stats["inactive_split_bytes"][p]["current"]
+                 for p in ("small_pool", "large_pool")}
+        page = st.page_bytes(pool == "small_pool")
+        if not size:
+            new = 0
+        elif st.expandable_segments:
+            new = -(-size // page) * page
+        else:
+            new = st.allocation_size(size)
+        need_view = st.expandable_segments or (size and cached[pool] >= size) or nbytes == 0
+        view = self._cache_view(stats) if need_view else None
+        if view is None:
+            releasable = sum(cached.values()) - sum(split.values())
+            return CacheState(size, 0, new, room, releasable, 0,
+                              stats["inactive_split_bytes"]["all"]["current"],
+                              st.expandable_segments)
+        reuse = view.fit(pool, size, st) if size else 0
+        return CacheState(size, reuse, 0 if reuse or not size else new, room, view.releasable,
+                          view.largest("large_pool"),
+                          stats["inactive_split_bytes"]["all"]["current"],
+                          st.expandable_segments, estimate=view.stale)
+
+    def _cache_view(self, stats: dict[str, Any]) -> _CacheView:
+        key = _allocator_state_key(stats)
+        view = self._view
+        now = time.monotonic()
+        if view is not None and (view.key == key
+                                 or now - view.taken_at < self.snapshot_min_interval_s):
+            view.stale = view.key != key
+            return view
+        segments = torch.cuda.memory._snapshot(self._index)["segments"]  # type: ignore[attr-defined]
+        self._view = _CacheView.from_segments(segments, key, now, self._settings)
+        return self._view
+
+    def memory_snapshot(self) -> dict[str, Any]:
+        """``torch.cuda.memory._snapshot()``: segments, blocks and (with memory history on)
+        the frames that allocated them; what ``vortex-vram dump`` saves and memory_viz opens."""
+        snap = torch.cuda.memory._snapshot(self._index)  # type: ignore[attr-defined]
+        snap["allocator_settings"] = self._settings.to_dict()
+        return snap
 
     def empty_cache(self) -> None:
         with torch.cuda.device(self._index):
@@ -159,6 +245,78 @@ class CudaBackend:
         if d.type != "cuda":
             return False
         return (d.index if d.index is not None else torch.cuda.current_device()) == self._index
+
+
+class _CacheView:
+    """The free blocks of an allocator snapshot, sorted by size per pool."""
+
+    def __init__(self, free: dict[str, list[int]], releasable: int, key: tuple[int, ...],
+                 taken_at: float) -> None:
+        self.free = free
+        self.releasable = releasable
+        self.key = key
+        self.taken_at = taken_at
+        self.stale = False
+
+    @classmethod
+    def from_segments(cls, segments: list[dict[str, Any]], key: tuple[int, ...],
+                      taken_at: float, st: AllocatorSettings) -> _CacheView:
+        free: dict[str, list[int]] = {"small_pool": [], "large_pool": []}
+        releasable = 0
+        for seg in segments:
+            pool = f"{seg.get('segment_type', 'large')}_pool"
+            blocks = seg.get("blocks", [])
+            page = st.page_bytes(pool == "small_pool")
+            for b in blocks:
+                if b.get("state") != "inactive":
+                    continue
+                free[pool].append(b["size"])
+                if seg.get("is_expandable"):
+                    start = b["address"] - seg["address"]
+                    end = start + b["size"]
+                    releasable += max(0, end // page * page - (-(-start // page) * page))
+                elif len(blocks) == 1:
+                    releasable += b["size"]
+        for sizes in free.values():
+            sizes.sort()
+        return cls(free, releasable, key, taken_at)
+
+    def fit(self, pool: str, size: int, st: AllocatorSettings) -> int:
+        sizes = self.free[pool]
+        i = bisect.bisect_left(sizes, size)
+        if i == len(sizes) or not st.reusable(sizes[i], size):
+            return 0
+        return sizes[i]
+
+    def largest(self, pool: str) -> int:
+        sizes = self.free[pool]
+        return sizes[-1] if sizes else 0
+
+
+def _allocator_state_key(stats: dict[str, Any]) -> tuple[int, ...]:
+    """Counters that move whenever the set of cached blocks changes."""
+    a, seg = stats["allocation"]["all"], stats["segment"]["all"]
+    return (a["allocated"], a["freed"], seg["allocated"], seg["freed"],
+            stats.get("num_device_alloc", 0), stats.get("num_device_free", 0))
+
+
+def _sample_of(stats: dict[str, Any]) -> AllocatorSample:
+    allocated = stats["allocated_bytes"]["all"]
+    return AllocatorSample(allocated["current"], stats["reserved_bytes"]["all"]["current"],
+                           allocated["peak"], stats["inactive_split_bytes"]["all"]["current"],
+                           stats["num_alloc_retries"], stats["num_ooms"])
+
+
+def _settings_in_force() -> AllocatorSettings:
+    """What the allocator parsed: the text torch was last given (``_accelerator_
+    setAllocatorSettings``), else the environment, as torch reads it."""
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    try:
+        text = getter() if getter is not None else ""
+        return parse_alloc_conf(text) if text else settings_from_environment()
+    except ValueError as exc:  # torch itself refuses these; should it not, keep its defaults
+        logger.warning("allocator settings not understood (%s); assuming torch's defaults", exc)
+        return DEFAULT_SETTINGS
 
 
 def _nvidia_uuid(raw: object) -> str | None:

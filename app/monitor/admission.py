@@ -105,17 +105,3 @@ class Forecaster:
             self._cached = Forecast(len(self._overall), activation, q,
                                     MappingProxyType(stages))
         return self._cached
-
-
-def fits(allocated: int, reserved: int, activation: int, reserved_basis: bool) -> int:
-    """The peak a slot of ``activation`` bytes reaches from this state, on the limit basis:
-    on the reserved basis the cache is reused before anything new is reserved."""
-    peak = allocated + activation
-    return max(reserved, peak) if reserved_basis else peak
-
-
-def activation_scale(allocated: int, hard_limit: int, activation: int) -> float:
-    """The share of ``activation`` that fits above ``allocated`` under the hard limit."""
-    if activation <= 0:
-        return 1.0 if allocated <= hard_limit else 0.0
-    return min(1.0, max(0.0, (hard_limit - allocated) / activation))

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from app.backends import MemoryBackend
+from app.backends import AllocatorSample, MemoryBackend
 from app.errors import CleanupCooldownError
 from app.monitor.records import GB, MB, CleanupResult, to_gb, utc_timestamp
 
@@ -71,6 +71,9 @@ class CleanupRunner:
         self._freed_total = 0
         self._last_failure_log: float | None = None
         self._generation_thread: int | None = None
+        # (allocated, reserved) after the last cleanup that freed nothing: a second one in the
+        # same state would free nothing either.
+        self._futile_state: tuple[int, int] | None = None
         # Read without the lock by the guards on every call, as a hint: None is the fast path.
         self.pending: PendingCleanup | None = None
 
@@ -106,6 +109,8 @@ class CleanupRunner:
             self._counts[reason] += 1
             self._freed_total += freed
             self._last = result
+            self._futile_state = (None if freed else
+                                  (after.allocated_bytes, after.reserved_bytes))
             if clock:
                 self._last_by_clock[clock] = result
         logger.info(
@@ -117,6 +122,11 @@ class CleanupRunner:
                    "duration_s": round(duration, 4), "device": self._backend.device},
         )
         return result
+
+    def futile(self, s: AllocatorSample) -> bool:
+        """Whether the last cleanup freed nothing and the allocator is still as it left it."""
+        with self._lock:
+            return self._futile_state == (s.allocated_bytes, s.reserved_bytes)
 
     def _check_clock(self, clock: str | None, now: float) -> None:
         if clock is None or clock not in self._clock_at:

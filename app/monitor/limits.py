@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 
-from app.backends import ALLOCATION_ROUNDING, AllocatorSample, MemoryBackend
+from app.backends import AllocatorSample, CacheState, MemoryBackend
 from app.errors import MemoryPressureError, MemoryPressureWarning
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
+from app.monitor.placement import LIMIT_BASES, AllocatorModel, Verdict
 from app.monitor.records import GB, CleanupResult, to_gb
 
 logger = logging.getLogger("app.monitor.monitor")
 
-LIMIT_BASES = ("allocated", "reserved")
 _RESERVED = 1  # index of reserved_bytes in AllocatorSample; allocated_bytes is 0
 
 # cleanup(reason, recovery) -> the cleanup's result, or None when it did not run
@@ -24,6 +25,38 @@ Cleanup = Callable[[str, bool], CleanupResult | None]
 
 def _ctx(context: str) -> str:
     return f" [{context}]" if context else ""
+
+
+def request_size(value: object, name: str = "requested_bytes") -> int:
+    """A size in bytes as an int: integral numbers are taken, anything else is refused with
+    the argument's name (NaN, inf, fractions, strings, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of bytes, got {type(value).__name__}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{name} must be a whole, finite number of bytes, got {value!r}")
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return n
+
+
+def _why(v: Verdict, hard_limit: int) -> str:
+    if not v.placeable:
+        return "(the whole request cannot be placed: fragmentation)"
+    return f"under hard_limit={hard_limit / GB:.3f}GB"
+
+
+def _unplaceable(requested: int, v: Verdict) -> str:
+    """Why the allocator cannot place a request, from the cache's answer."""
+    c = v.cache
+    if c is None:  # pragma: no cover - an unplaceable verdict always read the cache
+        return f"the allocator cannot place {requested / GB:.3f}GB"
+    return (f"the allocator cannot place {requested / GB:.3f}GB: no cached block fits (largest "
+            f"free block {c.largest_free_block_bytes / GB:.3f}GB) and a new "
+            f"{c.new_bytes / GB:.3f}GB segment does not fit the device's "
+            f"{c.room_bytes / GB:.3f}GB of room even after releasing "
+            f"{c.releasable_bytes / GB:.3f}GB of cache (fragmentation: "
+            f"{c.inactive_split_bytes / GB:.3f}GB inactive split)")
 
 
 class LimitGuard:
@@ -51,6 +84,7 @@ class LimitGuard:
         self._sample = backend.sample  # bound once: the hot path's only backend call
         self._device = backend.device
         self._basis = LIMIT_BASES.index(basis)
+        self._model = AllocatorModel(backend, basis, hard_limit_bytes)
         self.soft_limit_bytes = soft_limit_bytes
         self.hard_limit_bytes = hard_limit_bytes
         self._rearm_bytes = rearm_bytes
@@ -92,7 +126,9 @@ class LimitGuard:
 
     def check_allocation(self, requested_bytes: int, context: str = "") -> int | None:
         """See ``VRAMMonitor.check_allocation``."""
-        if requested_bytes < 0:
+        if type(requested_bytes) is not int:
+            requested_bytes = request_size(requested_bytes)
+        elif requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
         if self._requests.pending is not None:
             self._requests.run_pending()
@@ -101,19 +137,23 @@ class LimitGuard:
         except Exception as exc:
             self._faults.failed("check_allocation", exc)
             return None
-        projected = s.allocated_bytes + requested_bytes  # _project, inlined: the hot path
-        if self._basis == _RESERVED and s.reserved_bytes > projected:
-            projected = s.reserved_bytes
-        if projected <= self.hard_limit_bytes:
-            return projected
-        return self._refuse(s, requested_bytes, projected, context)
+        v = self._model.request(s, requested_bytes)
+        if v.ok and not v.cleanup:
+            return v.projected_bytes
+        if v.ok:  # fits once the cache is released (reserved basis): a recovery
+            after = self._recover(v, context)
+            if after is not None:
+                return after
+        return self._refuse(s, requested_bytes, v, context)
 
     def fit(self, requested_bytes: int, context: str, min_fraction: float) -> tuple[int, int]:
         """See ``VRAMMonitor.fit_allocation``: (bytes to allocate, and when that is less than
         asked, the peak the whole request would have reached: what the slot wanted; else 0).
         Its first lines repeat ``check_allocation``'s rather than share a helper: a call frame
         more on that hot path costs ~3 % of it."""
-        if requested_bytes < 0:
+        if type(requested_bytes) is not int:
+            requested_bytes = request_size(requested_bytes)
+        elif requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
         if self._requests.pending is not None:
             self._requests.run_pending()
@@ -122,46 +162,49 @@ class LimitGuard:
         except Exception as exc:
             self._faults.failed("fit_allocation", exc)
             return requested_bytes, 0  # fail open, as check_allocation
-        projected = self._project(s.allocated_bytes, s.reserved_bytes, requested_bytes)
-        if projected <= self.hard_limit_bytes:
+        v = self._model.request(s, requested_bytes)
+        if v.ok and (not v.cleanup or self._recover(v, context) is not None):
             return requested_bytes, 0
-        # Rounded down as the caching allocator rounds a block up (to 512 bytes), so what is
-        # allocated lands at the hard limit at most.
-        available = self._available(s) // ALLOCATION_ROUNDING * ALLOCATION_ROUNDING
-        if available >= requested_bytes:
-            return requested_bytes, 0  # releasing the cache made room
-        if available < min_fraction * requested_bytes:
-            self._refuse(s, requested_bytes, projected, context)  # raises
-        logger.info("allocation%s shrunk to fit: %.2fGB of the %.2fGB asked for (%.0f%%) under "
-                    "hard_limit=%.2fGB", _ctx(context), available / GB, requested_bytes / GB,
-                    100 * available / requested_bytes, self.hard_limit_bytes / GB,
+        fitted, fv = self._model.fit(s, requested_bytes)
+        if fitted <= 0 or fitted < min_fraction * requested_bytes \
+                or (fv.cleanup and self._recover(fv, context) is None):
+            self._refuse(s, requested_bytes, v, context)  # raises
+        logger.info("allocation%s shrunk to fit: %.3fGB of the %.3fGB asked for (%.1f%%) %s",
+                    _ctx(context), fitted / GB, requested_bytes / GB,
+                    100 * fitted / requested_bytes, _why(v, self.hard_limit_bytes),
                     extra={"vram_event": "allocation_fitted", "context": context,
                            "requested_gb": to_gb(requested_bytes),
-                           "fitted_gb": to_gb(available), "device": self._device})
-        return available, s.allocated_bytes + requested_bytes
+                           "fitted_gb": to_gb(fitted), "placeable": v.placeable,
+                           "device": self._device})
+        return fitted, s.allocated_bytes + requested_bytes
 
-    def _available(self, s: AllocatorSample) -> int:
-        """Bytes that may still be allocated under the hard limit; on the reserved basis the
-        cache is released first when it stands in the way (a recovery)."""
-        allocated, reserved = s.allocated_bytes, s.reserved_bytes
-        if self._basis == _RESERVED and reserved > self.hard_limit_bytes \
-                and self._recoverable(allocated) and self._cleanup is not None:
-            result = self._cleanup("hard_limit", True)
-            if result is not None:
-                allocated, reserved = result.allocated_bytes, result.reserved_after_bytes
-        if self._basis == _RESERVED and reserved > self.hard_limit_bytes:
-            return 0
-        return max(0, self.hard_limit_bytes - allocated)
+    def _recover(self, v: Verdict, context: str) -> int | None:
+        """Release the cache because the model says that this makes the request fit; the
+        projected usage after it, or None when the cleanup did not run or did not make room."""
+        if self._cleanup is None:
+            return None
+        result = self._cleanup("hard_limit", True)
+        if result is None:
+            return None
+        try:
+            after = self._sample()
+        except Exception as exc:
+            self._faults.failed("check_allocation", exc)
+            return None
+        v2 = self._model.request(after, v.cache.request_bytes if v.cache else 0)
+        if not v2.ok or v2.cleanup:
+            return None
+        logger.info("allocation%s fits after releasing %.3fGB of cache: %.3fGB", _ctx(context),
+                    result.freed_bytes / GB, v2.projected_bytes / GB)
+        return v2.projected_bytes
 
-    def _project(self, allocated: int, reserved: int, requested: int) -> int:
-        # On the reserved basis the cache can be reused: reserved only grows past its size.
-        projected = allocated + requested
-        return max(reserved, projected) if self._basis == _RESERVED else projected
-
-    def _recoverable(self, allocated_after: int) -> bool:
-        """Whether releasing the cache could bring usage under the hard limit: only on the
-        reserved basis, and only when what stays allocated fits."""
-        return self._basis == _RESERVED and allocated_after <= self.hard_limit_bytes
+    def cache(self) -> CacheState | None:
+        """The cache now, for a cleanup decision; None when it cannot be read."""
+        try:
+            return self._model.cache()
+        except Exception as exc:
+            self._faults.failed("cache_state", exc)
+            return None
 
     # -- the slow path ------------------------------------------------------------------------
 
@@ -171,45 +214,51 @@ class LimitGuard:
             # Issued before any hard-limit error, so an excursion counted is one warned of.
             msg = self._log_crossing("soft", usage, context, logging.WARNING)
             warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings, stacklevel=4)
+        # A cleanup runs only when the model says it returns something: one that frees 0 B
+        # costs the loop a gc pass (~100 ms) for nothing.
+        cache = self.cache() if self._cleanup is not None else None
+        useful = cache is not None and cache.releasable_bytes > 0
         if not hard:
-            if self._cleanup is not None:
+            if useful:
                 self._cleanup("soft_limit", False)
             return
         msg = self._log_crossing("hard", usage, context, logging.ERROR)
-        recoverable = self._recoverable(s.allocated_bytes)
-        result = None if self._cleanup is None else self._cleanup("hard_limit", recoverable)
+        if not useful:
+            raise MemoryPressureError(msg, reason="hard_limit")
+        # On the reserved basis a cleanup that returns enough is a recovery (it always runs);
+        # any other is the card's "emergency cleanup", on the hard-limit clock.
+        recoverable = self._basis == _RESERVED and (
+            s.reserved_bytes - cache.releasable_bytes <= self.hard_limit_bytes)
+        result = self._cleanup("hard_limit", recoverable)
         if recoverable and result is not None and (
                 result.reserved_after_bytes <= self.hard_limit_bytes):
-            logger.warning("VRAM back under the hard limit after cleanup%s: %.2fGB",
+            logger.warning("VRAM back under the hard limit after cleanup%s: %.3fGB",
                            _ctx(context), result.reserved_after_bytes / GB)
             return
         raise MemoryPressureError(msg, reason="hard_limit")
 
-    def _refuse(self, s: AllocatorSample, requested: int, projected: int, context: str) -> int:
-        recoverable = self._recoverable(s.allocated_bytes + requested)
-        if recoverable and self._cleanup is not None:
-            result = self._cleanup("hard_limit", True)
-            if result is not None:
-                after = self._project(result.allocated_bytes, result.reserved_after_bytes,
-                                      requested)
-                if after <= self.hard_limit_bytes:
-                    logger.info("allocation%s fits after releasing the cache: %.2fGB",
-                                _ctx(context), after / GB)
-                    return after
+    def _refuse(self, s: AllocatorSample, requested: int, v: Verdict, context: str) -> int:
         with self._lock:
             self.hard_violations += 1
         usage = s[self._basis]
-        msg = (
-            f"Allocation refused{_ctx(context)}: current_usage={usage / GB:.2f}GB, "
-            f"requested={requested / GB:.2f}GB, hard_limit={self.hard_limit_bytes / GB:.2f}GB "
-            f"(would reach {projected / GB:.2f}GB)"
-        )
+        if v.placeable:
+            msg = (
+                f"Allocation refused{_ctx(context)}: current_usage={usage / GB:.2f}GB, "
+                f"requested={requested / GB:.2f}GB, hard_limit={self.hard_limit_bytes / GB:.2f}GB "
+                f"(would reach {v.projected_bytes / GB:.2f}GB)"
+            )
+        else:
+            msg = f"Allocation refused{_ctx(context)}: {_unplaceable(requested, v)}"
         logger.error(msg, extra={"vram_event": "allocation_refused", "context": context,
                                  "current_usage_gb": to_gb(usage), "requested_gb": to_gb(requested),
                                  "hard_limit_gb": to_gb(self.hard_limit_bytes),
-                                 "device": self._device})
-        if not recoverable and self._cleanup is not None:
-            self._cleanup("hard_limit", False)  # the card's "emergency cleanup is triggered"
+                                 "placeable": v.placeable, "device": self._device})
+        if self._cleanup is not None:
+            # The card's "emergency cleanup is triggered", on the hard-limit clock: it returns
+            # the cache to the device, and runs only when there is some to return.
+            cache = v.cache if v.cache is not None else self.cache()
+            if cache is not None and cache.releasable_bytes > 0:
+                self._cleanup("hard_limit", False)
         raise MemoryPressureError(msg, reason="allocation_refused",
                                   projected_bytes=s.allocated_bytes + requested)
 

@@ -32,12 +32,13 @@ from app.errors import (
     MemoryPressureError,
     VortexInitializationError,
 )
-from app.monitor.admission import Forecaster, activation_scale, fits
+from app.monitor.admission import Forecaster
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
-from app.monitor.limits import LIMIT_BASES, LimitGuard
+from app.monitor.limits import LimitGuard
+from app.monitor.placement import LIMIT_BASES, AllocatorModel, SlotVerdict
 from app.monitor.records import (
     GB,
     MB,
@@ -144,12 +145,14 @@ class VRAMMonitor:
             cleanup=self._auto_cleanup if self.emergency_cleanup_enabled else None,
             requests=self._cleaner, faults=self._faults, python_warnings=self.python_warnings,
         )
+        self._model = AllocatorModel(self._backend, limit_basis, self.hard_limit_bytes)
+        self._basis_index = LIMIT_BASES.index(limit_basis)
         self._registry = ModelRegistry(self._backend)
         self._slots = GenerationTracker(leak_window, self.leak_threshold_bytes,
                                         self.hard_limit_bytes,
                                         Forecaster(admission_window, quantile, margin))
         self._snapshots = SnapshotBuilder(
-            self._backend, self._limits, self._registry, self._slots, self._cleaner,
+            self._backend, self._limits, self._model, self._registry, self._slots, self._cleaner,
             self._faults, basis=limit_basis, interval_s=self.snapshot_interval_s,
             stall_after_s=self.stall_after_s)
         self._preflight: PreflightResult | None = None
@@ -463,31 +466,41 @@ class VRAMMonitor:
             self._faults.failed("admit", exc)
             return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
                                            "without a forecast", slot))
-        reserved_basis = self.limit_basis == "reserved"
         activation = f.activation_bytes
-        peak = fits(s.allocated_bytes, s.reserved_bytes, activation, reserved_basis)
         hard = self.hard_limit_bytes
-        if peak <= hard:
-            why = ("no history: forecast is current usage" if not f.samples else
-                   f"forecast {activation / GB:.2f}GB of activations fits")
-            return self._decided(Admission("admit", peak, hard - peak, 1.0, why, slot,
-                                           activation))
-        allocated = s.allocated_bytes
-        if reserved_basis and allocated + activation <= hard:
-            result = self._auto_cleanup("admission", True)  # the cache is what stands in the way
+        if not f.samples:
+            usage = s[self._basis_index]
+            return self._decided(Admission("admit", usage, hard - usage, 1.0,
+                                           "no history: forecast is current usage", slot, 0))
+        try:
+            v = self._model.slot(s, activation, cleanup_allowed=self.emergency_cleanup_enabled)
+        except Exception as exc:
+            self._faults.failed("admit", exc)
+            return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
+                                           "without a forecast", slot, activation))
+        if v.scale >= 1.0 and not v.cleanup:
+            return self._decided(Admission(
+                "admit", v.peak_bytes, hard - v.peak_bytes, 1.0,
+                f"forecast {activation / GB:.3f}GB of activations fits", slot, activation))
+        if v.scale >= 1.0:  # it fits once the cache is released: the model says it returns enough
+            result = self._auto_cleanup("admission", True)
             if result is not None:
-                allocated = result.allocated_bytes
-                peak = fits(allocated, result.reserved_after_bytes, activation, True)
-                if peak <= hard:
+                after = self._safe_sample("admit")
+                v2 = None if after is None else self._model.slot(after, activation,
+                                                                 cleanup_allowed=False)
+                if v2 is not None and v2.scale >= 1.0:
                     return self._decided(Admission(
-                        "cleanup", peak, hard - peak, 1.0,
-                        f"fits once {result.freed_bytes / GB:.2f}GB of cache is released",
+                        "cleanup", v2.peak_bytes, hard - v2.peak_bytes, 1.0,
+                        f"fits once {result.freed_bytes / GB:.3f}GB of cache is released",
                         slot, activation))
-        scale = activation_scale(allocated, hard, activation)
+                if v2 is not None:
+                    v = v2
+            if v.scale >= 1.0:  # the cleanup did not run: as if it were not allowed
+                v = self._model.slot(s, activation, cleanup_allowed=False)
+        scale = math.floor(v.scale * 10_000) / 10_000  # never rounded up to a share that fits
         return self._decided(Admission(
-            "refuse", peak, hard - peak, round(scale, 4),
-            f"forecast peak {peak / GB:.2f}GB > hard_limit {hard / GB:.2f}GB; "
-            f"{scale:.1%} of the forecast activations fit", slot, activation))
+            "refuse", v.peak_bytes, hard - v.peak_bytes, scale,
+            _refusal_reason(v, activation, hard, s), slot, activation))
 
     def _decided(self, a: Admission) -> Admission:
         self._slots.count_admission(a.decision)
@@ -589,7 +602,15 @@ class VRAMMonitor:
 
     def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupResult | None:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
-        guard reports the pressure, and a failed cleanup must not mask it."""
+        guard reports the pressure, and a failed cleanup must not mask it. Nothing runs with
+        ``emergency_cleanup`` off, nor in the very state a cleanup already freed nothing in."""
+        if not self.emergency_cleanup_enabled:
+            return None
+        s = self._safe_sample(reason)
+        if s is not None and self._cleaner.futile(s):
+            logger.debug("automatic %s cleanup skipped: the last one freed nothing in this "
+                         "state", reason)
+            return None
         try:
             return self._cleaner.run(reason, cooldown=not recovery)
         except CleanupCooldownError as exc:
@@ -636,6 +657,23 @@ class VRAMMonitor:
         if path is not None:
             logger.error("allocator history for the OOM written to %s "
                          "(open it in https://pytorch.org/memory_viz)", path)
+
+
+def _refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSample) -> str:
+    share = f"{math.floor(v.scale * 1000) / 10:.1f} % of the forecast activations fit"
+    c = v.cache
+    if v.bound == "fragmentation" and c is not None:
+        return (f"reserved {s.reserved_bytes / GB:.3f}GB stays above hard_limit "
+                f"{hard / GB:.3f}GB after any cleanup: {c.inactive_split_bytes / GB:.3f}GB of "
+                f"it is inactive split (fragmentation), which no cleanup returns; {share}")
+    if v.bound == "cleanup_disabled":
+        return (f"reserved {s.reserved_bytes / GB:.3f}GB is above hard_limit {hard / GB:.3f}GB "
+                f"and emergency cleanup is off; {share}")
+    if v.bound == "device" and c is not None:
+        room = c.room_bytes + s.reserved_bytes - s.allocated_bytes
+        return (f"the device has room for {room / GB:.3f}GB of the {activation / GB:.3f}GB "
+                f"forecast (free and cached); {share}")
+    return f"forecast peak {v.peak_bytes / GB:.3f}GB > hard_limit {hard / GB:.3f}GB; {share}"
 
 
 def _number(name: str, value: Any, *, above: float | None = None,

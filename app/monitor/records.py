@@ -214,7 +214,11 @@ class VRAMSnapshot:
     reserved_bytes: int
     stage_peak_allocated_bytes: int  # allocator peak since the running (or last) stage began
     inactive_split_bytes: int
-    fragmentation_ratio: float  # inactive split / reserved: cached memory empty_cache can't return
+    # 1 - largest_allocatable / free: the share of free memory (device room and the whole
+    # cache) that one allocation cannot get; works with expandable segments too
+    fragmentation_ratio: float
+    fragmentation: Mapping[str, Any]  # placement.Fragmentation: inactive split, releasable, ...
+    allocator_settings: Mapping[str, Any]  # PYTORCH_ALLOC_CONF as the allocator applies it
     device_free_bytes: int
     device_total_bytes: int
     non_torch_bytes: int
@@ -253,6 +257,8 @@ class VRAMSnapshot:
         d["models"] = dict(self.models)
         d["slot_outcomes"] = dict(self.slot_outcomes)
         d["admissions"] = dict(self.admissions)
+        d["fragmentation"] = dict(self.fragmentation)
+        d["allocator_settings"] = dict(self.allocator_settings)
         if self.last_cleanup is not None:
             d["last_cleanup"] = self.last_cleanup.to_dict()
         return d
@@ -269,7 +275,7 @@ class VRAMSnapshot:
 _SNAPSHOT_FIELDS = tuple(f.name for f in fields(VRAMSnapshot))  # once: fields() is slow
 
 
-def frozen_mapping(d: Mapping[str, float]) -> Mapping[str, float]:
+def frozen_mapping(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
 
 

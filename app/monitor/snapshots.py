@@ -7,11 +7,11 @@ import threading
 import time
 
 from app.backends import MemoryBackend
-from app.monitor.admission import fits
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
 from app.monitor.limits import LimitGuard
+from app.monitor.placement import AllocatorModel
 from app.monitor.records import VRAMSnapshot, frozen_mapping, to_gb, utc_timestamp
 from app.monitor.registry import ModelRegistry
 
@@ -26,6 +26,7 @@ class SnapshotBuilder:
         self,
         backend: MemoryBackend,
         limits: LimitGuard,
+        model: AllocatorModel,
         registry: ModelRegistry,
         slots: GenerationTracker,
         cleaner: CleanupRunner,
@@ -37,6 +38,7 @@ class SnapshotBuilder:
     ) -> None:
         self._backend = backend
         self._limits = limits
+        self._model = model
         self._registry = registry
         self._slots = slots
         self._cleaner = cleaner
@@ -60,8 +62,10 @@ class SnapshotBuilder:
         cleanups, _, cleanup_failures = self._cleaner.totals()
         usage = s[self._basis_index]
         hard = self._limits.hard_limit_bytes
-        forecast_peak = fits(s.allocated_bytes, s.reserved_bytes, f.activation_bytes,
-                             self._basis_index == 1)
+        cache = b.cache_state(0)
+        frag = self._model.fragmentation(s, cache)
+        forecast_peak = self._model.slot(s, f.activation_bytes, cleanup_allowed=False).peak_bytes \
+            if f.samples else usage
         return VRAMSnapshot(
             timestamp=utc_timestamp(), event=event, slot=slot,
             vram_usage_gb=to_gb(usage), vram_allocated_gb=to_gb(s.allocated_bytes),
@@ -71,8 +75,9 @@ class SnapshotBuilder:
             allocated_bytes=s.allocated_bytes, reserved_bytes=s.reserved_bytes,
             stage_peak_allocated_bytes=s.peak_allocated_bytes,
             inactive_split_bytes=s.inactive_split_bytes,
-            fragmentation_ratio=round(s.inactive_split_bytes / s.reserved_bytes, 4)
-            if s.reserved_bytes else 0.0,
+            fragmentation_ratio=frag.ratio,
+            fragmentation=frozen_mapping(frag._asdict()),
+            allocator_settings=frozen_mapping(b.allocator_settings.to_dict()),
             device_free_bytes=dm.free_bytes, device_total_bytes=dm.total_bytes,
             non_torch_bytes=dm.non_torch_bytes, num_alloc_retries=s.num_alloc_retries,
             num_ooms=s.num_ooms, soft_limit_bytes=self._limits.soft_limit_bytes,

@@ -45,6 +45,7 @@ def test_generation_runs_unmeasured_when_reads_fail(monitor, card):
 def test_failing_empty_cache_does_not_mask_the_hard_limit(card):
     monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=0)
     allocate_exact(card, int(11.6 * GB))
+    card.free(card.allocate(100 * MB))  # cache to return: a cleanup is worth trying
     card.set_faults(empty_cache=True)
     with pytest.raises(MemoryPressureError):  # not the backend's RuntimeError
         monitor.check_limits()

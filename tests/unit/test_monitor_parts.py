@@ -100,6 +100,10 @@ def test_limit_guard_recovers_only_where_a_cleanup_can_help():
     allocate_exact(card, int(11.6 * GB))
     with pytest.raises(MemoryPressureError):
         guard.check("x")
+    assert cleanups == []  # nothing cached: a cleanup would free nothing
+    card.free(card.allocate(100 * MB))
+    with pytest.raises(MemoryPressureError):
+        guard.check("x")
     assert cleanups == [("hard_limit", False)]  # futile on the allocated basis: clock-bound
 
     card2 = SimulatedBackend(12 * GB)

@@ -133,6 +133,7 @@ def test_an_http_cleanup_does_not_block_a_hard_limit_recovery(card):
 def test_a_soft_limit_cleanup_does_not_block_a_hard_limit_recovery(card):
     monitor = VRAMMonitor(backend=card, limit_basis="reserved", cleanup_cooldown_s=30)
     base = allocate_exact(card, int(11.1 * GB))
+    card.free(card.allocate(20 * MB))
     with pytest.warns(MemoryPressureWarning):
         monitor.check_limits()  # a soft excursion: its cleanup starts the clock
     assert monitor.last_cleanup().reason == "soft_limit"
@@ -166,6 +167,7 @@ def test_a_failed_cleanup_does_not_claim_the_cooldown(card):
 def test_the_cooldown_says_what_ran_last_when_and_why(card, caplog):
     monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=30)
     allocate_exact(card, int(11.1 * GB))
+    card.free(card.allocate(20 * MB))  # cache for the soft-limit cleanup to return
     with caplog.at_level(logging.INFO, logger="app"), pytest.warns(MemoryPressureWarning):
         monitor.check_limits()
     (line,) = [r.getMessage() for r in caplog.records if "Emergency cleanup" in r.getMessage()]

@@ -11,7 +11,7 @@ import torch
 
 from app import SimulatedBackend
 from app.backends import MemoryBackend
-from app.backends.simulated import rounded_request, segment_size
+from app.backends.alloc_conf import DEFAULT_SETTINGS
 from tests.conftest import GB, MB
 
 MiB = 1 << 20
@@ -42,11 +42,11 @@ def test_device_memory_takes_reserved_from_the_sample_given(card):
 
 
 def test_rounding_like_the_caching_allocator():
-    assert rounded_request(1) == 512
-    assert rounded_request(513) == 1024
-    assert segment_size(512) == 2 * MiB  # small pool
-    assert segment_size(5 * MiB) == 20 * MiB
-    assert segment_size(11 * MiB + 1) == 12 * MiB  # large: rounded to 2 MiB
+    assert DEFAULT_SETTINGS.round_size(1) == 512
+    assert DEFAULT_SETTINGS.round_size(513) == 1024
+    assert DEFAULT_SETTINGS.allocation_size(512) == 2 * MiB  # small pool
+    assert DEFAULT_SETTINGS.allocation_size(5 * MiB) == 20 * MiB
+    assert DEFAULT_SETTINGS.allocation_size(11 * MiB + 1) == 12 * MiB  # large: rounded to 2 MiB
 
 
 def test_freed_memory_stays_reserved_until_empty_cache(card):
