@@ -185,6 +185,7 @@ class SimulatedBackend:
         self._reserved = self._stats["reserved_bytes"][0]
         self._inactive = self._stats["inactive_split_bytes"][0]
         self._history: deque[dict[str, Any]] | None = None
+        self._releasable_bytes = 0
         self._fail_reads = False
         self._fail_empty_cache = False
 
@@ -415,7 +416,7 @@ class SimulatedBackend:
             pool.gc_calls += 1
         block = self._find_free(pool, size)
         if block is not None:
-            pool.free.remove(block.key)
+            self._free_remove(pool, block)
         else:
             if gc_on:
                 self._garbage_collect()
@@ -456,16 +457,22 @@ class SimulatedBackend:
 
     def _releasable(self) -> int:
         """What ``empty_cache`` would return now: whole free segments, and under expandable
-        segments the whole free pages."""
-        total = 0
-        for pool in (self._small, self._large):
-            for size, address in pool.free:
-                block = self._blocks[address]
-                if block.segment.expandable:
-                    total += self._whole_pages(block)[1]
-                elif block.prev is None and block.next is None:
-                    total += size
-        return total
+        segments the whole free pages; kept as blocks enter and leave the free sets (a block's
+        share cannot change while it sits there: any change takes it out first)."""
+        return self._releasable_bytes
+
+    def _share(self, block: _Block) -> int:
+        if block.segment.expandable:
+            return self._whole_pages(block)[1]
+        return 0 if block.is_split() else block.size
+
+    def _free_add(self, pool: _Pool, block: _Block) -> None:
+        pool.free.add(block.key)
+        self._releasable_bytes += self._share(block)
+
+    def _free_remove(self, pool: _Pool, block: _Block) -> None:
+        pool.free.remove(block.key)
+        self._releasable_bytes -= self._share(block)
 
     def _whole_pages(self, block: _Block) -> tuple[int, int]:
         page = self._settings.page_bytes(block.segment.small)
@@ -515,7 +522,7 @@ class SimulatedBackend:
             block.next = rest
             block.size = size
             self._blocks[rest.address] = rest
-            pool.free.add(rest.key)
+            self._free_add(pool, rest)
             if not seg.expandable:
                 if already_split:
                     self._stat("inactive_split_bytes", pool, -size)
@@ -553,7 +560,7 @@ class SimulatedBackend:
             if subsumed and not seg.expandable:
                 self._stat("inactive_split_bytes", pool, -subsumed)
                 self._stat("inactive_split", pool, -1)
-        pool.free.add(block.key)
+        self._free_add(pool, block)
         if block.is_split() and not seg.expandable:
             self._stat("inactive_split_bytes", pool, block.size)
             self._stat("inactive_split", pool, 1)
@@ -571,11 +578,9 @@ class SimulatedBackend:
         if src is None or src.allocated or src.mapped != dst.mapped:
             return 0
         if src.mapped:
-            pool.free.remove(src.key)
+            self._free_remove(pool, src)
         else:
             pool.unmapped.remove(src.address)
-        if dst.mapped and not dst.allocated:
-            pool.free.discard(dst.key)  # dst changes key; re-added by the caller
         del self._blocks[src.address]
         if src is dst.prev:
             del self._blocks[dst.address]
@@ -597,7 +602,7 @@ class SimulatedBackend:
         """A whole free segment goes back to the device (cudaFree)."""
         seg = block.segment
         pool = self._small if seg.small else self._large
-        pool.free.remove(block.key)
+        self._free_remove(pool, block)
         del self._blocks[block.address]
         del self._segments[seg.address]
         self._stat("reserved_bytes", pool, -seg.size)
@@ -687,7 +692,7 @@ class SimulatedBackend:
             if not self._map(nxt, min(size - candidate.size, nxt.size), pool):
                 return None
             candidate = nxt  # it absorbed the block before it
-        pool.free.remove(candidate.key)
+        self._free_remove(pool, candidate)
         return candidate
 
     def _expandable_candidate(self, pool: _Pool, size: int) -> _Block:
@@ -738,7 +743,7 @@ class SimulatedBackend:
         start = block.address
         self._merge(block, block.prev, pool)
         self._merge(block, block.next, pool)
-        pool.free.add(block.key)
+        self._free_add(pool, block)
         self._stat("reserved_bytes", pool, mapped)
         self._counters["num_device_alloc"] += 1
         self._trace("segment_map", start, mapped)
@@ -748,7 +753,7 @@ class SimulatedBackend:
         begin, length = self._whole_pages(block)
         if length == 0:
             return
-        pool.free.remove(block.key)
+        self._free_remove(pool, block)
         seg = block.segment
         before = begin - block.address
         after = block.size - before - length
@@ -760,7 +765,7 @@ class SimulatedBackend:
             block.prev = head
             if seg.head is block:
                 seg.head = head
-            pool.free.add(head.key)
+            self._free_add(pool, head)
         if after > 0:
             tail = _Block(seg, begin + length, after)
             tail.prev, tail.next = block, block.next
@@ -768,7 +773,7 @@ class SimulatedBackend:
                 block.next.prev = tail
             block.next = tail
             self._blocks[tail.address] = tail
-            pool.free.add(tail.key)
+            self._free_add(pool, tail)
         del self._blocks[block.address]
         if before > 0:
             self._blocks[block.address] = block.prev  # the head now starts there

@@ -8,7 +8,8 @@ listed, with its type, unit and meaning, in docs/metrics.md (a test keeps the tw
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from prometheus_client.core import (
@@ -47,11 +48,32 @@ _GAUGES = {
     "hard_limit_bytes": ("Hard limit.", "hard_limit_bytes"),
     "fragmentation_bytes": ("Inactive split bytes: cached memory inside blocks in use, which "
                             "empty_cache cannot return.", "inactive_split_bytes"),
-    "fragmentation_ratio": ("Inactive split bytes / reserved bytes.", "fragmentation_ratio"),
+    "fragmentation_ratio": ("1 - largest_allocatable_bytes / fragmentation_free_bytes: the "
+                            "share of free memory (device room and the whole cache) that one "
+                            "allocation cannot get; also under expandable_segments.",
+                            "fragmentation_ratio"),
     "leak_trend_bytes_per_generation": ("Least-squares slope of allocated bytes after each "
                                         "generation over the leak window.",
                                         "leak_bytes_per_generation"),
 }
+# name (without prefix) -> (help, key of the snapshot's fragmentation object): the cache as
+# one large allocation sees it (placement.Fragmentation). fragmentation_ratio above is theirs.
+_FRAGMENTATION = {
+    "releasable_bytes": ("What a cleanup (empty_cache) would return now: whole free segments, "
+                         "or whole free pages under expandable_segments.", "releasable_bytes"),
+    "largest_free_block_bytes": ("The large pool's largest cached free block.",
+                                 "largest_free_block_bytes"),
+    "largest_allocatable_bytes": ("The largest single allocation the allocator can place now: "
+                                  "a cached block, or a new segment in the room the device has "
+                                  "once the releasable cache is returned.",
+                                  "largest_allocatable_bytes"),
+    "fragmentation_free_bytes": ("Free memory as the fragmentation ratio counts it: what may "
+                                 "still be reserved (device, cap) plus the whole cache "
+                                 "(reserved - allocated).", "free_bytes"),
+}
+# allocator_settings_info's labels, from the snapshot's allocator_settings
+_SETTINGS_LABELS = ("expandable_segments", "max_split_size_mb", "garbage_collection_threshold",
+                    "roundup_power2_divisions", "backend")
 # name (without prefix and _total) -> (help, counters attribute)
 _COUNTERS = {
     "soft_limit_violations": ("Soft limit excursions.", "soft_limit_violations"),
@@ -96,6 +118,34 @@ def _gauge(name: str, doc: str, device: str, value: float | None) -> GaugeMetric
     return g
 
 
+def _settings_info(device: str, settings: Mapping[str, Any]) -> GaugeMetricFamily:
+    """PYTORCH_ALLOC_CONF as the allocator applies it, as labels (always 1): what a
+    fragmentation panel or alert is read against, and a fleet can be grouped by."""
+    values = []
+    for key in _SETTINGS_LABELS:
+        value = settings.get(key)
+        if key == "roundup_power2_divisions":
+            value = _divisions(value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        values.append("" if value is None else str(value))
+    info = GaugeMetricFamily(P + "allocator_settings_info", "The caching allocator's settings "
+                             "(PYTORCH_ALLOC_CONF) in force, as labels; always 1.",
+                             labels=["device", *_SETTINGS_LABELS])
+    info.add_metric([device, *values], 1.0)
+    return info
+
+
+def _divisions(value: object) -> str:
+    """The divisions of the 16 size intervals (1 MiB, 2 MiB, ... 32 GiB and above): one
+    number when all agree (``0``: off, the default), else all 16, comma-separated."""
+    if not isinstance(value, list | tuple) or not value:
+        return ""
+    if len(set(value)) == 1:
+        return str(value[0])
+    return ",".join(str(v) for v in value)
+
+
 class VRAMCollector:
     """Register on the control plane's own ``CollectorRegistry``, or on a Director's."""
 
@@ -108,7 +158,8 @@ class VRAMCollector:
 
     def describe(self) -> Iterator[Metric]:
         # Names and types only, so registering does not read the backend.
-        for name in ("backend_up", "ready", "build_info", *_GAUGES,
+        for name in ("backend_up", "ready", "build_info", *_GAUGES, *_FRAGMENTATION,
+                     "allocator_settings_info",
                      "leak_generations_to_hard_limit", "post_generation_allocated_bytes",
                      "last_generation_timestamp_seconds", "generation_running_seconds",
                      "forecast_peak_bytes", "forecast_headroom_bytes"):
@@ -145,6 +196,9 @@ class VRAMCollector:
         if snap is not None:
             for name, (doc, attr) in _GAUGES.items():
                 yield _gauge(name, doc, device, getattr(snap, attr))
+            for name, (doc, key) in _FRAGMENTATION.items():
+                yield _gauge(name, doc, device, snap.fragmentation.get(key))
+            yield _settings_info(device, snap.allocator_settings)
             yield _gauge("leak_generations_to_hard_limit",
                          "Generations before the hard limit at the leak trend (absent when "
                          "flat).", device, snap.leak_generations_to_hard_limit)

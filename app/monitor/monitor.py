@@ -629,6 +629,17 @@ class VRAMMonitor:
         """Take a snapshot and log it as one JSON record (INFO, ``app.monitor.snapshots``)."""
         return self._snapshots.log(event, slot)
 
+    def allocator_snapshot(self) -> dict[str, Any]:
+        """The allocator's own snapshot in PyTorch's format (``segments`` with their
+        ``blocks``, ``device_traces``, ``allocator_settings``), which
+        ``torch.cuda._memory_viz`` and https://pytorch.org/memory_viz read: what pins the
+        memory. Costly (it walks every block): not for the hot path. ``TypeError`` when the
+        backend has no snapshot to give."""
+        take = getattr(self._backend, "memory_snapshot", None)
+        if take is None:
+            raise TypeError(f"{type(self._backend).__name__} gives no allocator snapshot")
+        return take()
+
     # ------------------------------------------------------------------ backend failures
 
     def _safe_sample(self, where: str) -> AllocatorSample | None:

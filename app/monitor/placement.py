@@ -213,7 +213,10 @@ class AllocatorModel:
         segment = (c.room_bytes + c.releasable_bytes) // _segment_step(st) * _segment_step(st)
         largest = max(self._settled_block(st, c), segment)
         free = c.room_bytes + max(0, s.reserved_bytes - s.allocated_bytes)
-        ratio = round(1 - min(largest, free) / free, 4) if free > 0 else 0.0
+        # Against what one allocation could get were the memory in one piece: the free bytes
+        # in whole segment steps, so that a healthy card reads 0.
+        whole = free // _segment_step(st) * _segment_step(st)
+        ratio = round(1 - min(largest, whole) / whole, 4) if whole > 0 else 0.0
         return Fragmentation(c.inactive_split_bytes, c.releasable_bytes,
                              c.largest_free_block_bytes, largest, free, ratio, c.estimate)
 
