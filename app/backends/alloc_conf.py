@@ -277,7 +277,7 @@ def _parse_divisions(r: _Reader) -> tuple[int, ...]:
         if div != 0 and not _is_pow2(div):
             raise r.error(f"{key} divisions must be a power of 2 or 0, got {div}")
         if bound == ">":
-            out[last:] = [div] * (ROUNDUP_INTERVALS - last)
+            out[last + 1:] = [div] * (ROUNDUP_INTERVALS - last - 1)
         else:
             if not bound.isdigit() or not _is_pow2(int(bound)):
                 raise r.error(f"{key} intervals must be a power of 2 (MB), got {bound!r}")

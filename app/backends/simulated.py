@@ -859,9 +859,11 @@ def _format_size(n: int) -> str:
 
 
 def _python_frames() -> list[dict[str, Any]]:
-    """The caller's Python stack, innermost first, in the snapshot's frame format."""
+    """The Python stack that called the card, innermost first, in the snapshot's format."""
     frames = []
-    f = sys._getframe(3)
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename == __file__:
+        f = f.f_back
     while f is not None and len(frames) < _HISTORY_FRAMES:
         frames.append({"filename": f.f_code.co_filename, "line": f.f_lineno,
                        "name": f.f_code.co_name})
