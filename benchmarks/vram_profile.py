@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         "non_torch_bytes": snap.non_torch_bytes,
         "allocated_bytes": snap.allocated_bytes, "reserved_bytes": snap.reserved_bytes,
         "inactive_split_bytes": snap.inactive_split_bytes,
+        "fragmentation": dict(snap.fragmentation),
         "allocator": {
+            "settings_in_force": dict(snap.allocator_settings),
+            "PYTORCH_ALLOC_CONF": os.environ.get("PYTORCH_ALLOC_CONF", ""),
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "per_process_memory_fraction": fraction,
             "cuda_runtime": torch.version.cuda,
