@@ -52,6 +52,7 @@ class GenerationTracker:
         self._leak = LeakDetector(leak_window, leak_threshold_bytes, hard_limit_bytes)
         self._trend: LeakTrend | None = None  # cached: a least-squares pass over the window
         self._post_generation_bytes: int | None = None
+        self._loaded_in_slot = 0  # bytes models loaded (or unloaded) inside the running slot
         self._generations = 0
         self._failed = 0
         self._ooms = 0
@@ -71,6 +72,7 @@ class GenerationTracker:
             self._active_since = time.monotonic()
             self._peak_carry = allocated_before
             self._open_stages = []
+            self._loaded_in_slot = 0
             return self._active
 
     def open_stage(self, name: str, peak: int) -> None:
@@ -142,7 +144,7 @@ class GenerationTracker:
                 self._peak_hist.observe(record.peak_bytes)
                 self._activation_hist.observe(record.activation_peak_bytes)
                 self._delta_hist.observe(record.delta_bytes)
-                finding = self._observe_leak(before_bytes, allocated)
+                finding = self._observe_leak(before_bytes + self._loaded_in_slot, allocated)
                 self._forecaster.observe(
                     max(record.peak_bytes, record.wanted_peak_bytes) - before_bytes,
                     {n: p - before_bytes for n, p in record.stage_peaks_bytes.items()},
@@ -195,7 +197,11 @@ class GenerationTracker:
             return self._leak.card_baseline(now)
 
     def rebase_leak(self, delta_bytes: int) -> None:
+        """A model loaded (+) or unloaded (-) on purpose. Inside a slot the slot's own start
+        moves too: it is compared from where the level would have been with the model."""
         with self._lock:
+            if self._active is not None:
+                self._loaded_in_slot += delta_bytes
             self._leak.rebase(delta_bytes)
             self._trend = None
 

@@ -320,12 +320,12 @@ class VRAMMonitor:
         Load one model at a time inside it: anything else allocated meanwhile counts too.
         Nothing is registered if loading raises. A name already registered is refused
         (``ValueError``) unless ``replace``. A model loaded once generations have run moves
-        the automatic leak baselines by what it added: a deliberate load is not a leak.
+        the automatic leak baselines by what it added: a deliberate load is not a leak, whether
+        it happens between slots or lazily inside one.
         """
         with self._registry.track_load(name, budget_gb, replace=replace) as added:
             yield
-        if self._slots.started:
-            self._slots.rebase_leak(added[0])
+        self._slots.rebase_leak(added[0])
 
     def register_model(self, name: str, module: torch.nn.Module, budget_gb: float | None = None,
                        *, replace: bool = False) -> int:
@@ -334,7 +334,11 @@ class VRAMMonitor:
         return self._registry.register_module(name, module, budget_gb, replace=replace)
 
     def unregister_model(self, name: str) -> None:
-        self._registry.remove(name)
+        """Forget ``name``; the leak baselines move down by what it held, since the caller
+        frees it (a LoRA swap is an unload and a load, and neither is a leak)."""
+        record = self._registry.remove(name)
+        if record is not None:
+            self._slots.rebase_leak(-record.vram_bytes)
 
     def models(self) -> list[ModelRecord]:
         return self._registry.models()

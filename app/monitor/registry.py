@@ -76,9 +76,9 @@ class ModelRegistry:
             logger.warning("model %s over budget: %.2fGB > %.2fGB", record.name,
                            record.vram_bytes / GB, record.budget_bytes / GB)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> ModelRecord | None:
         with self._lock:
-            self._models.pop(name, None)
+            return self._models.pop(name, None)
 
     def models(self) -> list[ModelRecord]:
         with self._lock:
