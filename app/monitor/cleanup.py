@@ -62,6 +62,10 @@ class CleanupRunner:
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
         self._running = threading.Lock()
+        # Signalled when a cleanup started between slots ends: a slot waits for it to finish
+        # rather than have empty_cache run on another thread beside its kernels.
+        self._idle_done = threading.Condition(self._lock)
+        self._idle_cleanups = 0  # guarded by _lock
         # --- guarded by _lock ---
         self._clock_at: dict[str, float] = {}  # clock -> monotonic start of its last cleanup
         self._last_by_clock: dict[str, CleanupResult] = {}
@@ -166,19 +170,35 @@ class CleanupRunner:
         ``None`` when it is still scheduled after the wait.
         """
         me = threading.get_ident()
+        idle = False
         with self._lock:
             pending = self.pending
-            if pending is None:
+            mine = self._generation_thread == me
+            if pending is not None and mine:
+                # Asked for from the generation thread while another thread's request waits
+                # for its boundary: this is the boundary. One cleanup answers both.
+                self.pending = None
+                run_now = False
+            elif pending is None:
                 self._check_clock(_CLOCKS.get(reason), time.monotonic())
-                if self._generation_thread in (None, me):
-                    run_now = True
-                else:
-                    run_now = False
+                run_now = self._generation_thread is None or mine
+                idle = self._generation_thread is None
+                if idle:
+                    self._idle_cleanups += 1
+                elif not run_now:
                     pending = self.pending = PendingCleanup(reason)
             else:
                 run_now = False
-        if run_now:
-            return self.run(reason)
+        if pending is not None and mine:
+            self._fulfil(pending)
+        elif run_now:
+            try:
+                return self.run(reason)
+            finally:
+                if idle:
+                    with self._lock:
+                        self._idle_cleanups -= 1
+                        self._idle_done.notify_all()
         if not pending.done.wait(wait_s):
             return None
         if pending.error is not None:
@@ -186,7 +206,10 @@ class CleanupRunner:
         return pending.result
 
     def enter_generation(self) -> None:
+        """A slot starts on this thread; a cleanup that began between slots finishes first."""
         with self._lock:
+            while self._idle_cleanups:
+                self._idle_done.wait()
             self._generation_thread = threading.get_ident()
 
     def leave_generation(self) -> None:

@@ -111,3 +111,67 @@ def test_a_size_is_an_int_inside(monitor):
     assert type(monitor.check_allocation(1.5e9)) is int
     assert monitor.fit_allocation(1.5e9) == 1_500_000_000
     assert type(monitor.fit_allocation(1.5e9)) is int
+
+
+# ------------------------------------------------ 3, 4. cleanups and the generation thread
+
+
+def test_a_cleanup_asked_for_on_the_generation_thread_answers_the_waiting_one_too(card):
+    import threading
+
+    monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=0, cleanup_wait_s=30)
+    card.free(card.allocate(100 * MB))
+    answers = []
+    with monitor.generation(1):
+        http = threading.Thread(target=lambda: answers.append(monitor.request_cleanup("http")))
+        http.start()
+        for _ in range(5000):  # until the HTTP request is registered (at most 5 s)
+            if monitor._cleaner.pending is not None:
+                break
+            threading.Event().wait(0.001)
+        mine = monitor.request_cleanup("http")  # from the generation thread: at once
+        http.join(5)
+    assert mine is not None and mine.freed_bytes > 0
+    assert answers == [mine]  # the same cleanup answered both
+    assert monitor.emergency_cleanups == 1
+
+
+class BlockingCache(SimulatedBackend):
+    """empty_cache waits until released, and says when it starts and ends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.started, self.release = threading.Event(), threading.Event()
+        self.events: list[str] = []
+
+    def empty_cache(self) -> None:
+        self.started.set()
+        self.release.wait(10)
+        super().empty_cache()
+        self.events.append("empty_cache ended")
+
+
+def test_a_cleanup_started_between_slots_ends_before_the_next_slot_begins():
+    import threading
+
+    card = BlockingCache(12 * GB)
+    monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=0)
+    http = threading.Thread(target=monitor.request_cleanup, args=("http",))
+    http.start()
+    assert card.started.wait(5)  # the HTTP thread's cleanup is inside empty_cache
+    entered = threading.Event()
+
+    def slot() -> None:
+        with monitor.generation(1):
+            card.events.append("slot began")
+            entered.set()
+
+    director = threading.Thread(target=slot)
+    director.start()
+    assert not entered.wait(0.2)  # the slot waits for the cleanup
+    card.release.set()
+    director.join(5)
+    http.join(5)
+    assert card.events == ["empty_cache ended", "slot began"]
