@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from app.monitor.records import Forecast
 
 NO_FORECAST = Forecast(0, 0, 0, MappingProxyType({}))
+# Stage windows kept, the most recently seen: a Director whose stage names vary ("chunk 17")
+# would otherwise grow one window per name forever, and every forecast with them.
+MAX_STAGES = 64
 
 
 class SortedWindow:
@@ -63,7 +66,7 @@ class Forecaster:
         self.quantile = quantile
         self.margin = margin
         self._overall = SortedWindow(window)
-        self._stages: dict[str, SortedWindow] = {}
+        self._stages: OrderedDict[str, SortedWindow] = OrderedDict()
         self._cached: Forecast | None = NO_FORECAST
 
     def observe(self, activation_bytes: int, stage_bytes: Mapping[str, int],
@@ -77,6 +80,10 @@ class Forecaster:
             window = self._stages.get(name)
             if window is None:
                 window = self._stages[name] = SortedWindow(self.window)
+                if len(self._stages) > MAX_STAGES:
+                    self._stages.popitem(last=False)
+            else:
+                self._stages.move_to_end(name)
             window.add(nominal(nbytes))
         self._cached = None
 

@@ -175,3 +175,19 @@ def test_a_cleanup_started_between_slots_ends_before_the_next_slot_begins():
     director.join(5)
     http.join(5)
     assert card.events == ["empty_cache ended", "slot began"]
+
+
+# ------------------------------------------------- 9. admission with varying stage names
+
+
+def test_the_forecast_keeps_the_most_recent_stage_names_only(card):
+    from app.monitor.admission import MAX_STAGES
+
+    monitor = VRAMMonitor(backend=card)
+    for slot in range(300):
+        with monitor.generation(slot), monitor.stage("flux"), monitor.stage(f"chunk {slot}"):
+            card.free(card.allocate(MiB))
+    stages = monitor.forecast().stage_bytes
+    assert len(stages) == MAX_STAGES
+    assert "flux" in stages and "chunk 299" in stages and "chunk 0" not in stages
+    assert monitor.admit(300).decision == "admit"
