@@ -58,6 +58,7 @@ from app.monitor.records import (
 )
 from app.monitor.registry import ModelRegistry
 from app.monitor.snapshots import SnapshotBuilder
+from app.options import check_options, number
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -97,43 +98,30 @@ class VRAMMonitor:
         admission_quantile: float = 0.9,
         admission_margin: float = 0.05,
     ) -> None:
-        soft = _number("soft_limit_gb", soft_limit_gb, above=0)
-        hard = _number("hard_limit_gb", hard_limit_gb, above=soft,
-                       why=f"must be above soft_limit_gb ({soft})")
-        if limit_basis not in LIMIT_BASES:
-            raise ValueError(f"limit_basis={limit_basis!r} must be one of {LIMIT_BASES}")
-        if isinstance(leak_window, bool) or not isinstance(leak_window, int) or leak_window < 1:
-            raise ValueError(f"leak_window={leak_window!r} must be an integer >= 1")
-        if isinstance(admission_window, bool) or not isinstance(admission_window, int) \
-                or admission_window < 1:
-            raise ValueError(f"admission_window={admission_window!r} must be an integer >= 1")
-        quantile = _number("admission_quantile", admission_quantile, above=0)
-        if quantile > 1:
-            raise ValueError(f"admission_quantile={admission_quantile!r} must be in (0, 1]")
-        margin = _number("admission_margin", admission_margin, at_least=0)
-        if margin > 0.25:
-            raise ValueError(f"admission_margin={admission_margin!r} must be at most 0.25: a "
-                             "larger margin refuses slots that fit")
-        hysteresis = _number("soft_limit_hysteresis_mb", soft_limit_hysteresis_mb, at_least=0)
-        if hysteresis * MB >= soft * GB:
-            raise ValueError(f"soft_limit_hysteresis_mb={soft_limit_hysteresis_mb!r} must be "
-                             "below the soft limit")
-        self.soft_limit_bytes = int(soft * GB)
-        self.hard_limit_bytes = int(hard * GB)
-        self.leak_threshold_bytes = int(_number("leak_threshold_mb", leak_threshold_mb,
-                                                above=0) * MB)
-        self.leak_window = leak_window
-        self.admission_window, self.admission_quantile = admission_window, quantile
-        self.admission_margin = margin
-        self.cleanup_cooldown_s = _number("cleanup_cooldown_s", cleanup_cooldown_s, at_least=0)
-        self.cleanup_wait_s = _number("cleanup_wait_s", cleanup_wait_s, at_least=0)
-        self.snapshot_interval_s = _number("snapshot_interval_s", snapshot_interval_s,
-                                           at_least=0)
-        self.stall_after_s = _number("stall_after_s", stall_after_s, above=0)
-        self.required_bytes = int(_number("required_gb", required_gb, above=0) * GB)
-        self.emergency_cleanup_enabled = bool(emergency_cleanup)
-        self.limit_basis = limit_basis
-        self.python_warnings = bool(python_warnings)
+        o = check_options(
+            soft_limit_gb=soft_limit_gb, hard_limit_gb=hard_limit_gb,
+            emergency_cleanup=emergency_cleanup, limit_basis=limit_basis,
+            leak_threshold_mb=leak_threshold_mb, leak_window=leak_window,
+            cleanup_cooldown_s=cleanup_cooldown_s, cleanup_wait_s=cleanup_wait_s,
+            soft_limit_hysteresis_mb=soft_limit_hysteresis_mb,
+            snapshot_interval_s=snapshot_interval_s, stall_after_s=stall_after_s,
+            required_gb=required_gb, python_warnings=python_warnings,
+            admission_window=admission_window, admission_quantile=admission_quantile,
+            admission_margin=admission_margin)
+        self.soft_limit_bytes = o.soft_limit_bytes
+        self.hard_limit_bytes = o.hard_limit_bytes
+        self.leak_threshold_bytes = o.leak_threshold_bytes
+        self.leak_window = o.leak_window
+        self.admission_window, self.admission_quantile = o.admission_window, o.admission_quantile
+        self.admission_margin = o.admission_margin
+        self.cleanup_cooldown_s = o.cleanup_cooldown_s
+        self.cleanup_wait_s = o.cleanup_wait_s
+        self.snapshot_interval_s = o.snapshot_interval_s
+        self.stall_after_s = o.stall_after_s
+        self.required_bytes = o.required_bytes
+        self.emergency_cleanup_enabled = o.emergency_cleanup
+        self.limit_basis = o.limit_basis
+        self.python_warnings = o.python_warnings
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
         self._faults = BackendFaults()
@@ -141,16 +129,17 @@ class VRAMMonitor:
         self._limits = LimitGuard(
             self._backend, basis=limit_basis, soft_limit_bytes=self.soft_limit_bytes,
             hard_limit_bytes=self.hard_limit_bytes,
-            rearm_bytes=self.soft_limit_bytes - int(hysteresis * MB),
+            rearm_bytes=self.soft_limit_bytes - o.hysteresis_bytes,
             cleanup=self._auto_cleanup if self.emergency_cleanup_enabled else None,
             requests=self._cleaner, faults=self._faults, python_warnings=self.python_warnings,
         )
         self._model = AllocatorModel(self._backend, limit_basis, self.hard_limit_bytes)
         self._basis_index = LIMIT_BASES.index(limit_basis)
         self._registry = ModelRegistry(self._backend)
-        self._slots = GenerationTracker(leak_window, self.leak_threshold_bytes,
+        self._slots = GenerationTracker(o.leak_window, self.leak_threshold_bytes,
                                         self.hard_limit_bytes,
-                                        Forecaster(admission_window, quantile, margin))
+                                        Forecaster(o.admission_window, o.admission_quantile,
+                                                   o.admission_margin))
         self._snapshots = SnapshotBuilder(
             self._backend, self._limits, self._model, self._registry, self._slots, self._cleaner,
             self._faults, basis=limit_basis, interval_s=self.snapshot_interval_s,
@@ -692,13 +681,6 @@ def _refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSamp
 
 
 def _number(name: str, value: Any, *, above: float | None = None,
-            at_least: float | None = None, why: str | None = None) -> float:
+            at_least: float | None = None) -> float:
     """``value`` as a finite float, or a ``ValueError`` that names the argument."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    if above is not None and not value > above:
-        raise ValueError(f"{name}={value!r} {why or f'must be above {above:g}'}")
-    if at_least is not None and not value >= at_least:
-        raise ValueError(f"{name}={value!r} {why or f'must be >= {at_least:g}'}")
-    return float(value)
-
+    return number(name, value, above=above, at_least=at_least, at_most=math.inf)

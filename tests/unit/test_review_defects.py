@@ -191,3 +191,31 @@ def test_the_forecast_keeps_the_most_recent_stage_names_only(card):
     assert len(stages) == MAX_STAGES
     assert "flux" in stages and "chunk 299" in stages and "chunk 0" not in stages
     assert monitor.admit(300).decision == "admit"
+
+
+# ------------------------------------------------------------- 7. huge settings, one rule
+
+
+@pytest.mark.parametrize("name, value", [("VORTEX_HARD_LIMIT_GB", "1e300"),
+                                         ("VORTEX_LEAK_THRESHOLD_MB", "1e305"),
+                                         ("VORTEX_CLEANUP_WAIT_S", "1e300"),
+                                         ("VORTEX_SOFT_LIMIT_GB", "inf")])
+def test_a_huge_setting_is_one_line_naming_the_variable(monkeypatch, name, value):
+    from app.config import SettingsError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    text = str(err.value)
+    assert name in text and "\n" not in text
+
+
+def test_the_monitor_and_the_settings_share_their_rules(monkeypatch):
+    from app.config import SettingsError, load_settings
+
+    with pytest.raises(ValueError, match="hard_limit_gb=1e\\+300 must be at most"):
+        VRAMMonitor(backend=SimulatedBackend(GB), hard_limit_gb=1e300)
+    monkeypatch.setenv("VORTEX_SOFT_LIMIT_GB", "12")
+    with pytest.raises(SettingsError, match="VORTEX_HARD_LIMIT_GB: must be above "
+                                            "VORTEX_SOFT_LIMIT_GB"):
+        load_settings()
