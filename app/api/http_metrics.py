@@ -41,11 +41,14 @@ class HttpMetrics:
         self._children: dict[tuple[str, str, str], tuple] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan and websocket scopes have no path to count
+            await self.app(scope, receive, send)
+            return
         path = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):  # mounted in a Director's app: the route's own path
             path = path[len(root):]
-        if scope["type"] != "http" or path in self._excluded:
+        if path in self._excluded:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()

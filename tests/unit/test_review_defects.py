@@ -219,3 +219,28 @@ def test_the_monitor_and_the_settings_share_their_rules(monkeypatch):
     with pytest.raises(SettingsError, match="VORTEX_HARD_LIMIT_GB: must be above "
                                             "VORTEX_SOFT_LIMIT_GB"):
         load_settings()
+
+
+# ------------------------------------------------ 8. the HTTP middleware and the lifespan
+
+
+def test_the_control_plane_runs_its_lifespan(monitor):
+    """What uvicorn with lifespan="on" (or an embedding app) sends first: the middleware must
+    pass a scope without a path through."""
+    import asyncio
+
+    from app.api.main import create_app
+
+    app = create_app(monitor)
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive():
+        return inbox.pop(0)
+
+    async def send(message):
+        sent.append(message["type"])
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+                    receive, send))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
