@@ -94,8 +94,10 @@ def start_control_plane(
     is set, or the token could never match a header. ``token`` is a ``str`` or the
     ``SecretStr`` that ``load_settings()`` returns.
 
-    The Host check against DNS rebinding: on a loopback address only loopback names
-    (``localhost``, ``127.0.0.1``, ``[::1]``) are answered; off loopback, the names in
+    The Host check against DNS rebinding: on a loopback address the loopback names
+    (``localhost``, ``127.0.0.1``, ``[::1]``) and the names ``allowed_hosts`` lists are
+    answered, never any name (``*`` is ignored there, with a warning); off loopback, the
+    loopback names (the CLI and health checks use them) and the names in
     ``allowed_hosts`` (``VORTEX_ALLOWED_HOSTS``), or any when it is unset, since a Director
     is scraped by names it cannot know (service discovery, load balancers, several
     interfaces). ``/metrics`` is rebuilt at most once per ``metrics_ttl_s``."""
@@ -109,8 +111,19 @@ def start_control_plane(
             "(set VORTEX_TOKEN_FILE, VORTEX_TOKEN or --token-file)"
         )
     if is_loopback(host):
-        allowed_hosts = LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts
-    elif parse_allowed_hosts(allowed_hosts) is None:
+        # The loopback names are always answered (the CLI and the health check use them);
+        # names the operator lists are added; "any" never holds here: on loopback every web
+        # page the operator opens could rebind its name to this server.
+        named = parse_allowed_hosts(allowed_hosts)
+        if allowed_hosts is not None and named is None:
+            logger.warning("VORTEX_ALLOWED_HOSTS=* is ignored on loopback address %s: only "
+                           "loopback names are answered there, against DNS rebinding", host)
+        allowed_hosts = tuple(dict.fromkeys((*LOOPBACK_HOSTS, *(named or ()))))
+    elif parse_allowed_hosts(allowed_hosts) is not None:
+        # The CLI and the container's health check ask 127.0.0.1; a rebinding page never
+        # sends a loopback Host (its own name is what it rebinds), so these are safe to add.
+        allowed_hosts = (*LOOPBACK_HOSTS, *parse_allowed_hosts(allowed_hosts))
+    else:
         logger.warning("control plane on %s answers any Host header: set VORTEX_ALLOWED_HOSTS "
                        "to the names it is reached by, against DNS rebinding", host)
     app = create_app(monitor, token=token, allowed_hosts=allowed_hosts,

@@ -42,7 +42,8 @@ def test_off_loopback_the_allowed_hosts_are_answered_and_no_other(node):
         assert _get(cp, "/healthz", f"director.internal:{cp.port}").status_code == 200
         assert _get(cp, "/healthz", "10.0.3.11").status_code == 200
         assert _get(cp, "/healthz", f"evil.example:{cp.port}").status_code == 421
-        assert _get(cp, "/healthz", f"127.0.0.1:{cp.port}").status_code == 421
+        # the CLI and the container's health check: never locked out by a named list
+        assert _get(cp, "/healthz", f"127.0.0.1:{cp.port}").status_code == 200
 
 
 def test_off_loopback_without_allowed_hosts_any_name_is_answered(node, caplog):
@@ -121,3 +122,21 @@ def test_the_token_file_from_the_environment(tmp_path):
                       "--log-level", "WARNING", VORTEX_TOKEN_FILE=str(token_file)) as (_proc, url):
         assert httpx.post(f"{url}/vram/cleanup").status_code == 401
         assert httpx.post(f"{url}/vram/cleanup", headers=AUTH).status_code in (200, 202)
+
+
+@pytest.mark.parametrize("setting", ["*", "*, director.internal", "director.internal"])
+def test_on_loopback_no_setting_lets_a_foreign_host_in(node, setting):
+    """Issue 17 (1): ``VORTEX_ALLOWED_HOSTS=*`` on 127.0.0.1 used to answer any Host, and a
+    hostile Host and Origin reached the cleanup's cooldown; a named list locked the CLI out."""
+    monitor, card = node
+    card.free(card.allocate(100 << 20))
+    with start_control_plane(monitor, host="127.0.0.1", port=0, token=TOKEN,
+                             allowed_hosts=setting) as cp:
+        assert _get(cp, "/vram/snapshot", f"evil.example:{cp.port}").status_code == 421
+        r = httpx.post(f"{cp.url}/vram/cleanup", headers={
+            **AUTH, "Host": "evil.example", "Origin": "http://evil.example"})
+        assert r.status_code == 421
+        assert _get(cp, "/healthz", f"127.0.0.1:{cp.port}").status_code == 200
+        if setting == "director.internal":  # a list with * in it means any: ignored here
+            assert _get(cp, "/healthz", "director.internal").status_code == 200
+    assert monitor.emergency_cleanups == 0
