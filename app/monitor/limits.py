@@ -85,6 +85,7 @@ class LimitGuard:
         self._device = backend.device
         self._basis = LIMIT_BASES.index(basis)
         self._model = AllocatorModel(backend, basis, hard_limit_bytes)
+        self._quick = self._model.quick
         self.soft_limit_bytes = soft_limit_bytes
         self.hard_limit_bytes = hard_limit_bytes
         self._rearm_bytes = rearm_bytes
@@ -137,6 +138,9 @@ class LimitGuard:
         except Exception as exc:
             self._faults.failed("check_allocation", exc)
             return None
+        projected = self._quick(s, requested_bytes)
+        if projected >= 0:
+            return projected
         v = self._model.request(s, requested_bytes)
         if v.ok and not v.cleanup:
             return v.projected_bytes
@@ -162,6 +166,8 @@ class LimitGuard:
         except Exception as exc:
             self._faults.failed("fit_allocation", exc)
             return requested_bytes, 0  # fail open, as check_allocation
+        if self._quick(s, requested_bytes) >= 0:
+            return requested_bytes, 0
         v = self._model.request(s, requested_bytes)
         if v.ok and (not v.cleanup or self._recover(v, context) is not None):
             return requested_bytes, 0

@@ -238,3 +238,27 @@ def test_a_healthy_card_has_no_fragmentation():
     assert frag["ratio"] == 0.0
     assert frag["largest_allocatable_bytes"] == frag["free_bytes"] // (2 * MiB) * (2 * MiB)
     assert frag["releasable_bytes"] == frag["inactive_split_bytes"] == 0
+
+
+@pytest.mark.parametrize("conf", ["", "expandable_segments:True", "roundup_power2_divisions:4",
+                                  "max_split_size_mb:64"])
+@pytest.mark.parametrize("basis", ["allocated", "reserved"])
+def test_the_hot_path_agrees_with_the_full_model(conf, basis):
+    """``quick`` repeats ``request``'s first arithmetic for speed: wherever it answers, the
+    full model must give the same answer."""
+    import random
+
+    from app.monitor.placement import AllocatorModel
+
+    rng = random.Random(conf + basis)
+    for weights in (2 * GB, 9 * GB, int(10.9 * GB)):
+        card = fragmented_card(weights=weights, conf=conf)
+        model = AllocatorModel(card, basis, int(11.5 * GB))
+        s = card.sample()
+        for _ in range(300):
+            n = rng.choice([1, 511, 513, MiB, MiB + 1, 9 * MiB, 10 * MiB, 25 * MiB + 3,
+                            rng.randrange(1, 2 * GB)])
+            projected = model.quick(s, n)
+            if projected >= 0:
+                v = model.request(s, n)
+                assert v.ok and not v.cleanup and v.projected_bytes == projected, n
