@@ -251,7 +251,7 @@ def test_the_hot_path_agrees_with_the_full_model(conf, basis):
     from app.monitor.placement import AllocatorModel
 
     rng = random.Random(conf + basis)
-    for weights in (2 * GB, 9 * GB, int(10.9 * GB)):
+    for weights in (2 * GB, 9 * GB, int(10.3 * GB)):
         card = fragmented_card(weights=weights, conf=conf)
         model = AllocatorModel(card, basis, int(11.5 * GB))
         s = card.sample()
