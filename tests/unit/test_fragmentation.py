@@ -251,8 +251,11 @@ def test_the_hot_path_agrees_with_the_full_model(conf, basis):
     from app.monitor.placement import AllocatorModel
 
     rng = random.Random(conf + basis)
-    for weights in (2 * GB, 9 * GB, int(10.3 * GB)):
-        card = fragmented_card(weights=weights, conf=conf)
+    for tensors in (4, 17, 19):  # 512 MiB weight tensors: no rounding under any setting
+        card = SimulatedBackend(12 * GB, alloc_conf=conf)
+        for _ in range(tensors):
+            card.allocate(512 * MiB)
+        pin_segments(card)
         model = AllocatorModel(card, basis, int(11.5 * GB))
         s = card.sample()
         for _ in range(300):
