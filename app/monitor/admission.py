@@ -14,13 +14,23 @@ admitted at full size into the same refusals.
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_left, insort
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from app.monitor.records import Forecast
+from app.monitor.placement import AllocatorModel, SlotVerdict
+from app.monitor.records import GB, Admission, CleanupResult, Forecast
+
+if TYPE_CHECKING:
+    from app.backends import AllocatorSample, MemoryBackend
+    from app.monitor.faults import BackendFaults
+    from app.monitor.generations import GenerationTracker
+
+logger = logging.getLogger("app.monitor.monitor")
 
 NO_FORECAST = Forecast(0, 0, 0, MappingProxyType({}))
 # Stage windows kept, the most recently seen: a Director whose stage names vary ("chunk 17")
@@ -112,3 +122,101 @@ class Forecaster:
             self._cached = Forecast(len(self._overall), activation, q,
                                     MappingProxyType(stages))
         return self._cached
+
+
+class Admitter:
+    """``VRAMMonitor.admit``: the decision, next to the forecast it is made from. Holds no
+    state of its own: the forecast lives in the generation tracker, the verdict comes from
+    the allocator model, a cleanup from the monitor's ``cleanup`` callable (which honours
+    ``emergency_cleanup``)."""
+
+    def __init__(self, backend: MemoryBackend, model: AllocatorModel,
+                 tracker: GenerationTracker, faults: BackendFaults,
+                 cleanup: Callable[[str, bool], CleanupResult | None], *,
+                 basis_index: int, cleanup_enabled: bool) -> None:
+        self._backend = backend
+        self._model = model
+        self._tracker = tracker
+        self._faults = faults
+        self._cleanup = cleanup
+        self._basis_index = basis_index
+        self._cleanup_enabled = cleanup_enabled
+
+    def admit(self, slot: int | None) -> Admission:
+        """See ``VRAMMonitor.admit``."""
+        f = self._tracker.forecast()
+        activation = f.activation_bytes
+        try:
+            s = self._backend.sample()
+            if not f.samples:
+                usage = s[self._basis_index]
+                hard = self._model.hard_limit_bytes
+                return self._decided(Admission("admit", usage, hard - usage, 1.0,
+                                               "no history: forecast is current usage", slot))
+            v = self._model.slot(s, activation, cleanup_allowed=self._cleanup_enabled)
+        except Exception as exc:
+            self._faults.failed("admit", exc)
+            return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
+                                           "without a forecast", slot, activation))
+        if v.scale >= 1.0 and v.cleanup:  # fits once the cache is released: release it
+            v = self._after_cleanup(s, v, activation, slot)
+            if isinstance(v, Admission):
+                return v
+        return self._verdict(v, activation, s, slot)
+
+    def _after_cleanup(self, s: AllocatorSample, v: SlotVerdict, activation: int,
+                       slot: int | None) -> SlotVerdict | Admission:
+        result = self._cleanup("admission", True)
+        hard = self._model.hard_limit_bytes
+        if result is not None:
+            try:
+                v2 = self._model.slot(self._backend.sample(), activation, cleanup_allowed=False)
+            except Exception as exc:
+                self._faults.failed("admit", exc)
+                return v
+            if v2.scale >= 1.0:
+                return self._decided(Admission(
+                    "cleanup", v2.peak_bytes, hard - v2.peak_bytes, 1.0,
+                    f"fits once {result.freed_bytes / GB:.3f}GB of cache is released",
+                    slot, activation))
+            return v2
+        # The cleanup did not run: judged as if it were not allowed.
+        return self._model.slot(s, activation, cleanup_allowed=False)
+
+    def _verdict(self, v: SlotVerdict, activation: int, s: AllocatorSample,
+                 slot: int | None) -> Admission:
+        hard = self._model.hard_limit_bytes
+        if v.scale >= 1.0 and not v.cleanup:
+            return self._decided(Admission(
+                "admit", v.peak_bytes, hard - v.peak_bytes, 1.0,
+                f"forecast {activation / GB:.3f}GB of activations fits", slot, activation))
+        scale = math.floor(min(v.scale, 0.99995) * 10_000) / 10_000  # never rounded up to 1
+        return self._decided(Admission(
+            "refuse", v.peak_bytes, hard - v.peak_bytes, scale,
+            refusal_reason(v, activation, hard, s), slot, activation))
+
+    def _decided(self, a: Admission) -> Admission:
+        self._tracker.count_admission(a.decision)
+        level = logging.DEBUG if a.decision == "admit" else logging.INFO
+        if logger.isEnabledFor(level):  # the record's fields are built only for a reader
+            logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,
+                       extra={"vram_event": "admission", **a.to_dict(),
+                              "device": self._backend.device})
+        return a
+
+
+def refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSample) -> str:
+    share = f"{math.floor(v.scale * 1000) / 10:.1f} % of the forecast activations fit"
+    c = v.cache
+    if v.bound == "fragmentation" and c is not None:
+        return (f"reserved {s.reserved_bytes / GB:.3f}GB stays above hard_limit "
+                f"{hard / GB:.3f}GB after any cleanup: {c.inactive_split_bytes / GB:.3f}GB of "
+                f"it is inactive split (fragmentation), which no cleanup returns; {share}")
+    if v.bound == "cleanup_disabled":
+        return (f"reserved {s.reserved_bytes / GB:.3f}GB is above hard_limit {hard / GB:.3f}GB "
+                f"and emergency cleanup is off; {share}")
+    if v.bound == "device" and c is not None:
+        room = c.room_bytes + s.reserved_bytes - s.allocated_bytes
+        return (f"the device has room for {room / GB:.3f}GB of the {activation / GB:.3f}GB "
+                f"forecast (free and cached); {share}")
+    return f"forecast peak {v.peak_bytes / GB:.3f}GB > hard_limit {hard / GB:.3f}GB; {share}"

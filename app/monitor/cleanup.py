@@ -127,6 +127,22 @@ class CleanupRunner:
         )
         return result
 
+    def automatic(self, reason: str, *, recovery: bool) -> CleanupResult | None:
+        """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
+        guard reports the pressure, and a failed cleanup must not mask it. Skipped in the very
+        state a cleanup already freed nothing in, and when the allocator cannot be read."""
+        try:
+            if self.futile(self._backend.sample()):
+                logger.debug("automatic %s cleanup skipped: the last one freed nothing in "
+                             "this state", reason)
+                return None
+            return self.run(reason, cooldown=not recovery)
+        except CleanupCooldownError as exc:
+            logger.debug("automatic cleanup skipped: %s", exc)
+        except Exception:
+            pass  # counted and logged (rate-limited) by run(); a failed read fails open
+        return None
+
     def futile(self, s: AllocatorSample) -> bool:
         """Whether the last cleanup freed nothing and the allocator is still as it left it."""
         with self._lock:

@@ -21,9 +21,37 @@ neither API can move the other's.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
-from app.monitor.records import LeakFinding, LeakTrend
+from app.errors import MemoryLeakWarning
+from app.monitor.events import warn_safely
+from app.monitor.records import GB, MB, LeakFinding, LeakTrend, to_gb
+
+logger = logging.getLogger("app.monitor.monitor")
+
+
+def report_leak(f: LeakFinding, *, device: str, python_warnings: bool,
+                count: bool = True) -> None:
+    """The leak warning: one WARNING record (``leak_suspected``, or ``leak_check`` for the
+    task card's ``detect_memory_leak``) and, unless turned off, a ``MemoryLeakWarning``."""
+    left = (
+        "" if f.generations_to_hard_limit is None
+        else f", ~{f.generations_to_hard_limit:.0f} generations left before the hard limit"
+    )
+    msg = (
+        f"Potential VRAM leak: initial_usage={f.initial_bytes / GB:.2f}GB, "
+        f"current_usage={f.current_bytes / GB:.2f}GB, delta=+{f.delta_bytes / GB:.2f}GB, "
+        f"generations={f.generations} (trend {f.bytes_per_generation / MB:+.2f}MB/generation"
+        f"{left})"
+    )
+    logger.warning(msg, extra={
+        "vram_event": "leak_suspected" if count else "leak_check",
+        "initial_usage_gb": to_gb(f.initial_bytes),
+        "current_usage_gb": to_gb(f.current_bytes), "delta_gb": to_gb(f.delta_bytes),
+        "generations": f.generations, "bytes_per_generation": f.bytes_per_generation,
+        "generations_to_hard_limit": f.generations_to_hard_limit, "device": device})
+    warn_safely(MemoryLeakWarning(msg), enabled=python_warnings, stacklevel=6)
 
 
 def trend(samples: list[int], hard_limit_bytes: int) -> LeakTrend:

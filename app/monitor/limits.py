@@ -65,7 +65,7 @@ class LimitGuard:
     A check reads the allocator once, takes the lock for a few comparisons and returns; only a
     crossing takes the slow path (logs, warning, cleanup, error), after the lock is released.
     Each check is also a boundary of the generation thread: a cleanup another thread asked the
-    ``requests`` runner for is carried out there first (one attribute test when none is).
+    ``pending_cleanups`` runner for is carried out there first (one attribute test when none is).
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class LimitGuard:
         hard_limit_bytes: int,
         rearm_bytes: int,
         cleanup: Cleanup | None,
-        requests: CleanupRunner,
+        pending_cleanups: CleanupRunner,
         faults: BackendFaults,
         python_warnings: bool = True,
     ) -> None:
@@ -90,7 +90,7 @@ class LimitGuard:
         self.hard_limit_bytes = hard_limit_bytes
         self._rearm_bytes = rearm_bytes
         self._cleanup = cleanup
-        self._requests = requests
+        self._pending = pending_cleanups
         self._faults = faults
         self._python_warnings = python_warnings
         self._lock = threading.Lock()
@@ -101,8 +101,8 @@ class LimitGuard:
 
     def check(self, context: str = "") -> int | None:
         """See ``VRAMMonitor.check_limits``."""
-        if self._requests.pending is not None:
-            self._requests.run_pending()
+        if self._pending.pending is not None:
+            self._pending.run_pending()
         try:
             s = self._sample()
         except Exception as exc:
@@ -131,8 +131,8 @@ class LimitGuard:
             requested_bytes = request_size(requested_bytes)
         elif requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
-        if self._requests.pending is not None:
-            self._requests.run_pending()
+        if self._pending.pending is not None:
+            self._pending.run_pending()
         try:
             s = self._sample()
         except Exception as exc:
@@ -159,8 +159,8 @@ class LimitGuard:
             requested_bytes = request_size(requested_bytes)
         elif requested_bytes < 0:
             raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
-        if self._requests.pending is not None:
-            self._requests.run_pending()
+        if self._pending.pending is not None:
+            self._pending.run_pending()
         try:
             s = self._sample()
         except Exception as exc:

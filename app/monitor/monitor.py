@@ -1,44 +1,41 @@
 """The VRAM monitor: a façade over the parts that each own one job and one lock.
 
 * ``LimitGuard`` (limits.py): the soft and hard limits, ``check_limits``, ``check_allocation``;
+* ``AllocatorModel`` (placement.py): what a request, a slot or a cleanup would do;
 * ``ModelRegistry`` (registry.py): resident models, budgets, ``validate_buffers``;
-* ``GenerationTracker`` (generations.py): slots, peaks, history, histograms, liveness, and the
-  ``LeakDetector`` (leak.py) with its own baselines;
+* ``GenerationTracker`` (generations.py): slots, peaks, history, histograms, liveness, the
+  ``LeakDetector`` (leak.py) and the admission forecast; ``Admitter`` (admission.py) decides
+  from it; ``Scopes`` (scopes.py) runs ``generation()``/``stage()``, with oom.py for an OOM;
 * ``CleanupRunner`` (cleanup.py): cleanups, their clocks, and requests from other threads;
 * ``SnapshotBuilder`` (snapshots.py): snapshots and their logging;
 * ``BackendFaults`` (faults.py): failed reads, counted and logged at a bounded rate.
 
 Each part takes its lock briefly to copy or update its state and does the slow work
 (formatting, logging, ``warnings.warn``, gc, ``empty_cache``) after releasing it. The façade
-wires them, reads the backend where a method needs it, and keeps the public API.
+checks its options (app/options.py), wires the parts and keeps the public API. Its guards are
+plain methods that forward to the limit guard: a subclass may override them, and the forward
+costs one call frame (~0.1 us of the ~1 us a guard takes).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-import traceback
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.backends import AllocatorSample, MemoryBackend, default_backend, is_oom_error
-from app.errors import (
-    CleanupCooldownError,
-    MemoryLeakWarning,
-    MemoryPressureError,
-    VortexInitializationError,
-)
-from app.monitor.admission import Forecaster
+from app.backends import MemoryBackend, default_backend
+from app.monitor.admission import Admitter, Forecaster
 from app.monitor.cleanup import CleanupRunner
-from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
+from app.monitor.leak import report_leak
 from app.monitor.limits import LimitGuard
-from app.monitor.placement import LIMIT_BASES, AllocatorModel, SlotVerdict
+from app.monitor.placement import LIMIT_BASES, AllocatorModel
+from app.monitor.preflight import preflight
 from app.monitor.records import (
     GB,
     MB,
@@ -57,6 +54,7 @@ from app.monitor.records import (
     to_gb,
 )
 from app.monitor.registry import ModelRegistry
+from app.monitor.scopes import Scopes
 from app.monitor.snapshots import SnapshotBuilder
 from app.options import check_options, number
 
@@ -108,47 +106,46 @@ class VRAMMonitor:
             required_gb=required_gb, python_warnings=python_warnings,
             admission_window=admission_window, admission_quantile=admission_quantile,
             admission_margin=admission_margin)
-        self.soft_limit_bytes = o.soft_limit_bytes
-        self.hard_limit_bytes = o.hard_limit_bytes
-        self.leak_threshold_bytes = o.leak_threshold_bytes
-        self.leak_window = o.leak_window
+        self.options = o
+        # The checked options, by the names callers have always read them by.
+        self.soft_limit_bytes, self.hard_limit_bytes = o.soft_limit_bytes, o.hard_limit_bytes
+        self.leak_threshold_bytes, self.leak_window = o.leak_threshold_bytes, o.leak_window
         self.admission_window, self.admission_quantile = o.admission_window, o.admission_quantile
-        self.admission_margin = o.admission_margin
-        self.cleanup_cooldown_s = o.cleanup_cooldown_s
-        self.cleanup_wait_s = o.cleanup_wait_s
-        self.snapshot_interval_s = o.snapshot_interval_s
-        self.stall_after_s = o.stall_after_s
-        self.required_bytes = o.required_bytes
-        self.emergency_cleanup_enabled = o.emergency_cleanup
-        self.limit_basis = o.limit_basis
+        self.admission_margin, self.required_bytes = o.admission_margin, o.required_bytes
+        self.cleanup_cooldown_s, self.cleanup_wait_s = o.cleanup_cooldown_s, o.cleanup_wait_s
+        self.snapshot_interval_s, self.stall_after_s = o.snapshot_interval_s, o.stall_after_s
+        self.emergency_cleanup_enabled, self.limit_basis = o.emergency_cleanup, o.limit_basis
         self.python_warnings = o.python_warnings
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
         self._faults = BackendFaults()
-        self._cleaner = CleanupRunner(self._backend, self.cleanup_cooldown_s)
+        self._cleanups = CleanupRunner(self._backend, self.cleanup_cooldown_s)
         self._limits = LimitGuard(
             self._backend, basis=limit_basis, soft_limit_bytes=self.soft_limit_bytes,
             hard_limit_bytes=self.hard_limit_bytes,
             rearm_bytes=self.soft_limit_bytes - o.hysteresis_bytes,
             cleanup=self._auto_cleanup if self.emergency_cleanup_enabled else None,
-            requests=self._cleaner, faults=self._faults, python_warnings=self.python_warnings,
+            pending_cleanups=self._cleanups, faults=self._faults,
+            python_warnings=self.python_warnings,
         )
         self._model = AllocatorModel(self._backend, limit_basis, self.hard_limit_bytes)
         self._basis_index = LIMIT_BASES.index(limit_basis)
         self._registry = ModelRegistry(self._backend)
-        self._slots = GenerationTracker(o.leak_window, self.leak_threshold_bytes,
+        self._tracker = GenerationTracker(o.leak_window, self.leak_threshold_bytes,
                                         self.hard_limit_bytes,
                                         Forecaster(o.admission_window, o.admission_quantile,
                                                    o.admission_margin))
         self._snapshots = SnapshotBuilder(
-            self._backend, self._limits, self._model, self._registry, self._slots, self._cleaner,
-            self._faults, basis=limit_basis, interval_s=self.snapshot_interval_s,
-            stall_after_s=self.stall_after_s)
+            self._backend, self._limits, self._model, self._registry, self._tracker,
+            self._cleanups, self._faults, basis=limit_basis,
+            interval_s=self.snapshot_interval_s, stall_after_s=self.stall_after_s)
+        self._scopes = Scopes(self._backend, self._tracker, self._cleanups, self._snapshots,
+                              self._faults, report_leak=self._report_leak,
+                              cleanup=self._auto_cleanup)
+        self._admitter = Admitter(self._backend, self._model, self._tracker, self._faults,
+                                  self._auto_cleanup, basis_index=self._basis_index,
+                                  cleanup_enabled=self.emergency_cleanup_enabled)
         self._preflight: PreflightResult | None = None
-        # The hot path: the guards go straight to the limit guard, without this façade's
-        # frame in between (the methods below document them and do the same).
-        self.check_limits = self._limits.check
-        self.check_allocation = self._limits.check_allocation
 
     @classmethod
     def from_settings(
@@ -180,11 +177,11 @@ class VRAMMonitor:
 
     @property
     def emergency_cleanups(self) -> int:
-        return self._cleaner.count
+        return self._cleanups.count
 
     @property
     def generation_count(self) -> int:
-        return self._slots.generations
+        return self._tracker.generations
 
     @property
     def preflight_passed(self) -> bool:
@@ -195,34 +192,34 @@ class VRAMMonitor:
         return self._backend.sample()[0 if self.limit_basis == "allocated" else 1]
 
     def counters(self) -> MonitorCounters:
-        generations, failed, ooms, leaks = self._slots.counts()
-        cleanups, freed, cleanup_failures = self._cleaner.totals()
+        generations, failed, ooms, leaks = self._tracker.counts()
+        cleanups, freed, cleanup_failures = self._cleanups.totals()
         return MonitorCounters(
             self._limits.soft_violations, self._limits.hard_violations, cleanups, freed,
             generations, failed, ooms, leaks, self._faults.count, cleanup_failures)
 
     def cleanups_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
         """(cleanups run, cleanups failed), each by reason."""
-        return self._cleaner.by_reason()
+        return self._cleanups.by_reason()
 
     def histograms(self) -> Histograms:
         """Peak, activation peak and delta bytes of the generations so far."""
-        return Histograms(*self._slots.histograms())
+        return Histograms(*self._tracker.histograms())
 
     def recent_generations(self) -> list[GenerationRecord]:
-        return self._slots.recent()
+        return self._tracker.recent()
 
     def last_cleanup(self) -> CleanupResult | None:
-        return self._cleaner.last()
+        return self._cleanups.last()
 
     def cleanup_retry_after(self, reason: str = "http") -> float:
         """Seconds until a cleanup for ``reason`` may run again; 0 when it may run now."""
-        return self._cleaner.retry_after(reason)
+        return self._cleanups.retry_after(reason)
 
     def liveness(self) -> Liveness:
         """The running slot and for how long; ``stalled`` once it passed ``stall_after_s``.
         A Director idle between slots is not stalled."""
-        return self._slots.liveness(self.stall_after_s)
+        return self._tracker.liveness(self.stall_after_s)
 
     # ------------------------------------------------------------------ guards (hot path)
 
@@ -268,35 +265,18 @@ class VRAMMonitor:
             raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]")
         nbytes, wanted = self._limits.fit(requested_bytes, context, fraction)
         if wanted:
-            self._slots.note_fitted(wanted)
+            self._tracker.note_fitted(wanted)
         return nbytes
 
     # ------------------------------------------------------------------ pre-flight
 
     def preflight(self, required_gb: float | None = None) -> PreflightResult:
-        """Check the card before any model loads.
-
-        Available means what this process can hold: free device memory plus what its
-        allocator already reserved, within any per-process cap.
-        """
+        """Check the card before any model loads: ``VortexInitializationError`` with the task
+        card's message when less than ``required_gb`` (default ``required_gb`` of the
+        settings) is available to this process, or when the hard limit exceeds the card."""
         required = self.required_bytes if required_gb is None else int(
             _number("required_gb", required_gb, above=0) * GB)
-        s = self._backend.sample()
-        dm = self._backend.device_memory(s)
-        available = min(dm.free_bytes + s.reserved_bytes, dm.total_bytes)
-        if available < required:
-            raise VortexInitializationError(
-                f"Insufficient VRAM: {available / GB:.1f}GB available, {required / GB:.1f}GB "
-                "required. Upgrade to RTX 3060 12GB or higher."
-            )
-        if self.hard_limit_bytes > dm.total_bytes:
-            raise VortexInitializationError(
-                f"Hard limit {self.hard_limit_bytes / GB:.2f}GB (VORTEX_HARD_LIMIT_GB) exceeds the "
-                f"card's total memory {dm.total_bytes / GB:.2f}GB"
-            )
-        self._preflight = PreflightResult(available, required, dm.total_bytes)
-        logger.info("VRAM pre-flight passed: %.1fGB available, %.1fGB required",
-                    available / GB, required / GB)
+        self._preflight = preflight(self._backend, required, self.hard_limit_bytes)
         return self._preflight
 
     # ------------------------------------------------------------------ model registry
@@ -314,7 +294,7 @@ class VRAMMonitor:
         """
         with self._registry.track_load(name, budget_gb, replace=replace) as added:
             yield
-        self._slots.rebase_leak(added[0])
+        self._tracker.rebase_leak(added[0])
 
     def register_model(self, name: str, module: torch.nn.Module, budget_gb: float | None = None,
                        *, replace: bool = False) -> int:
@@ -327,7 +307,7 @@ class VRAMMonitor:
         frees it (a LoRA swap is an unload and a load, and neither is a leak)."""
         record = self._registry.remove(name)
         if record is not None:
-            self._slots.rebase_leak(-record.vram_bytes)
+            self._tracker.rebase_leak(-record.vram_bytes)
 
     def models(self) -> list[ModelRecord]:
         return self._registry.models()
@@ -351,9 +331,8 @@ class VRAMMonitor:
 
     # ------------------------------------------------------------------ generations
 
-    @contextmanager
     def generation(self, slot: int | None = None, *,
-                   scale: float = 1.0) -> Iterator[GenerationRecord]:
+                   scale: float = 1.0) -> AbstractContextManager[GenerationRecord]:
         """Measure one slot: delta (allocated after - before) and peak, counted for leaks.
 
         ``scale`` is the share of its full-size activations the slot runs at (a degraded slot,
@@ -370,74 +349,12 @@ class VRAMMonitor:
         scale = _number("scale", scale, above=0)
         if scale > 1:
             raise ValueError(f"scale={scale!r} must be in (0, 1]")
-        before = self._safe_sample("generation")
-        before_bytes = before.allocated_bytes if before else None
-        record = self._slots.begin(slot, before_bytes or 0, scale)
-        self._cleaner.enter_generation()
-        self._safe_reset_peak()
-        self._snapshots.log_periodic("pre_generation", slot)
-        t0 = time.perf_counter()
-        try:
-            yield record
-        except BaseException as exc:
-            if not (isinstance(exc, Exception) and is_oom_error(exc)):
-                self._finish_generation(record, before_bytes, t0, "failed")
-                raise
-            # Drop the frames' locals so the tensors the failed slot held can be freed.
-            traceback.clear_frames(exc.__traceback__)
-            oom = exc
-        else:
-            self._finish_generation(record, before_bytes, t0, "ok")
-            return
-        self._finish_generation(record, before_bytes, t0, "oom")
-        where = f"slot {slot}" + (f", stage {record.failed_stage}" if record.failed_stage else "")
-        logger.error("CUDA out of memory in %s escaped the guards; cleaning up", where)
-        self._post_mortem(f"slot{slot}")  # before the cleanup: the history as the OOM saw it
-        self._auto_cleanup("oom", True)
-        first_line = str(oom).splitlines()[0] if str(oom) else type(oom).__name__
-        raise MemoryPressureError(f"CUDA out of memory in {where}: {first_line}",
-                                  reason="oom") from oom
+        return self._scopes.generation(slot, scale)
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> AbstractContextManager[None]:
         """Measure the peak of one stage (one model's forward, say) inside a generation.
         Its start and end are boundaries where a requested cleanup runs."""
-        if self._cleaner.pending is not None:
-            self._cleaner.run_pending()
-        self._slots.open_stage(name, self._peak_now())
-        self._safe_reset_peak()
-        failed, wanted = False, 0
-        try:
-            yield
-        except BaseException as exc:
-            failed = True
-            wanted = getattr(exc, "projected_bytes", None) or 0  # a refused allocation's
-            raise
-        finally:
-            self._slots.close_stage(name, self._peak_now(), failed, wanted)
-            if self._cleaner.pending is not None:
-                self._cleaner.run_pending()
-
-    def _peak_now(self) -> int:
-        s = self._safe_sample("stage")
-        return s.peak_allocated_bytes if s else 0
-
-    def _finish_generation(
-        self, record: GenerationRecord, before_bytes: int | None, t0: float, status: str
-    ) -> None:
-        try:
-            after = self._safe_sample("generation")
-            finding = self._slots.finish(
-                record, before_bytes,
-                None if after is None else (after.allocated_bytes, after.peak_allocated_bytes),
-                status, time.perf_counter() - t0,
-            )
-            self._snapshots.log_periodic("post_generation", record.slot)
-            if finding is not None:
-                self._report_leak(finding)
-        finally:
-            # On every way out of the slot: what another thread asked for runs now.
-            self._cleaner.leave_generation()
+        return self._scopes.stage(name)
 
     # ------------------------------------------------------------------ admission
 
@@ -452,71 +369,22 @@ class VRAMMonitor:
         With no history yet it admits, with the forecast peak at current usage. Fails open:
         an unreadable backend admits.
         """
-        f = self._slots.forecast()
-        try:
-            s = self._backend.sample()
-        except Exception as exc:
-            self._faults.failed("admit", exc)
-            return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
-                                           "without a forecast", slot))
-        activation = f.activation_bytes
-        hard = self.hard_limit_bytes
-        if not f.samples:
-            usage = s[self._basis_index]
-            return self._decided(Admission("admit", usage, hard - usage, 1.0,
-                                           "no history: forecast is current usage", slot, 0))
-        try:
-            v = self._model.slot(s, activation, cleanup_allowed=self.emergency_cleanup_enabled)
-        except Exception as exc:
-            self._faults.failed("admit", exc)
-            return self._decided(Admission("admit", 0, 0, 1.0, "backend unreadable: admitted "
-                                           "without a forecast", slot, activation))
-        if v.scale >= 1.0 and not v.cleanup:
-            return self._decided(Admission(
-                "admit", v.peak_bytes, hard - v.peak_bytes, 1.0,
-                f"forecast {activation / GB:.3f}GB of activations fits", slot, activation))
-        if v.scale >= 1.0:  # it fits once the cache is released: the model says it returns enough
-            result = self._auto_cleanup("admission", True)
-            if result is not None:
-                after = self._safe_sample("admit")
-                v2 = None if after is None else self._model.slot(after, activation,
-                                                                 cleanup_allowed=False)
-                if v2 is not None and v2.scale >= 1.0:
-                    return self._decided(Admission(
-                        "cleanup", v2.peak_bytes, hard - v2.peak_bytes, 1.0,
-                        f"fits once {result.freed_bytes / GB:.3f}GB of cache is released",
-                        slot, activation))
-                if v2 is not None:
-                    v = v2
-            if v.scale >= 1.0:  # the cleanup did not run: as if it were not allowed
-                v = self._model.slot(s, activation, cleanup_allowed=False)
-        scale = math.floor(v.scale * 10_000) / 10_000  # never rounded up to a share that fits
-        return self._decided(Admission(
-            "refuse", v.peak_bytes, hard - v.peak_bytes, scale,
-            _refusal_reason(v, activation, hard, s), slot, activation))
-
-    def _decided(self, a: Admission) -> Admission:
-        self._slots.count_admission(a.decision)
-        level = logging.DEBUG if a.decision == "admit" else logging.INFO
-        if logger.isEnabledFor(level):  # the record's fields are built only for a reader
-            logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,
-                       extra={"vram_event": "admission", **a.to_dict(), "device": self.device})
-        return a
+        return self._admitter.admit(slot)
 
     def skip_slot(self, slot: int | None = None, reason: str = "") -> None:
         """Count a slot the Director skipped before any stage ran (outcome ``skipped``)."""
-        self._slots.skip()
+        self._tracker.skip()
         logger.warning("slot %s skipped before it started%s", slot,
                        f": {reason}" if reason else "",
                        extra={"vram_event": "slot_skipped", "slot": slot, "device": self.device})
 
     def forecast(self) -> Forecast:
         """The current forecast of the next slot's activations (nominal, margin included)."""
-        return self._slots.forecast()
+        return self._tracker.forecast()
 
     def slot_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """(slot outcomes: full, degraded, skipped, aborted; admission decisions)."""
-        return self._slots.slot_counts()
+        return self._tracker.slot_counts()
 
     # ------------------------------------------------------------------ the card's leak API
 
@@ -524,8 +392,8 @@ class VRAMMonitor:
         """Count a generation run without ``generation()`` (the task card's API); every
         ``leak_window`` calls this closes a leak window. Do not mix with ``generation()``.
         Fails open: a failed read counts the generation without measuring it."""
-        s = self._safe_sample("increment_generation_count")
-        finding = self._slots.count_unrecorded(None if s is None else s.allocated_bytes)
+        s = self._scopes.sample("increment_generation_count")
+        finding = self._tracker.count_unrecorded(None if s is None else s.allocated_bytes)
         if finding is not None:
             self._report_leak(finding)
 
@@ -537,40 +405,24 @@ class VRAMMonitor:
         baselines of its own. Fails open: False when the backend cannot be read."""
         threshold = self.leak_threshold_bytes if threshold_mb is None else int(
             _number("threshold_mb", threshold_mb, above=0) * MB)
-        s = self._safe_sample("detect_memory_leak")
+        s = self._scopes.sample("detect_memory_leak")
         if s is None:
             return False
         now = s.allocated_bytes
-        baseline, just_set = self._slots.card_leak_baseline(now)
+        baseline, just_set = self._tracker.card_leak_baseline(now)
         if just_set or now - baseline <= threshold:
             return False
-        t = self._slots.leak_trend()
+        t = self._tracker.leak_trend()
         self._report_leak(LeakFinding(baseline, now, self.generation_count,
                                       self.generation_count, t.bytes_per_generation,
                                       t.generations_to_hard_limit), count=False)
         return True
 
     def leak_trend(self) -> LeakTrend:
-        return self._slots.leak_trend()
+        return self._tracker.leak_trend()
 
     def _report_leak(self, f: LeakFinding, *, count: bool = True) -> None:
-        left = (
-            "" if f.generations_to_hard_limit is None
-            else f", ~{f.generations_to_hard_limit:.0f} generations left before the hard limit"
-        )
-        msg = (
-            f"Potential VRAM leak: initial_usage={f.initial_bytes / GB:.2f}GB, "
-            f"current_usage={f.current_bytes / GB:.2f}GB, delta=+{f.delta_bytes / GB:.2f}GB, "
-            f"generations={f.generations} (trend {f.bytes_per_generation / MB:+.2f}MB/generation"
-            f"{left})"
-        )
-        logger.warning(msg, extra={
-            "vram_event": "leak_suspected" if count else "leak_check",
-            "initial_usage_gb": to_gb(f.initial_bytes),
-            "current_usage_gb": to_gb(f.current_bytes), "delta_gb": to_gb(f.delta_bytes),
-            "generations": f.generations, "bytes_per_generation": f.bytes_per_generation,
-            "generations_to_hard_limit": f.generations_to_hard_limit, "device": self.device})
-        warn_safely(MemoryLeakWarning(msg), enabled=self.python_warnings, stacklevel=5)
+        report_leak(f, device=self.device, python_warnings=self.python_warnings, count=count)
 
     # ------------------------------------------------------------------ cleanup
 
@@ -578,7 +430,7 @@ class VRAMMonitor:
         """``gc.collect()`` and ``empty_cache()`` now, on the calling thread, whatever the
         cooldown; returns the reserved bytes freed (``empty_cache`` lowers reserved, never
         allocated). Raises the backend's error if it fails."""
-        return self._cleaner.run("manual", cooldown=False).freed_bytes
+        return self._cleanups.run("manual", cooldown=False).freed_bytes
 
     def request_cleanup(self, reason: str = "http",
                         wait_s: float | None = None) -> CleanupResult | None:
@@ -591,7 +443,7 @@ class VRAMMonitor:
         generation running, or from the generation thread, it runs at once.
         """
         wait = self.cleanup_wait_s if wait_s is None else wait_s
-        return self._cleaner.request(reason, wait)
+        return self._cleanups.request(reason, wait)
 
     def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupResult | None:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
@@ -599,18 +451,7 @@ class VRAMMonitor:
         ``emergency_cleanup`` off, nor in the very state a cleanup already freed nothing in."""
         if not self.emergency_cleanup_enabled:
             return None
-        s = self._safe_sample(reason)
-        if s is not None and self._cleaner.futile(s):
-            logger.debug("automatic %s cleanup skipped: the last one freed nothing in this "
-                         "state", reason)
-            return None
-        try:
-            return self._cleaner.run(reason, cooldown=not recovery)
-        except CleanupCooldownError as exc:
-            logger.debug("automatic cleanup skipped: %s", exc)
-        except Exception:
-            pass  # counted and logged (rate-limited) by the runner
-        return None
+        return self._cleanups.automatic(reason, recovery=recovery)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -632,53 +473,6 @@ class VRAMMonitor:
         if take is None:
             raise TypeError(f"{type(self._backend).__name__} gives no allocator snapshot")
         return take()
-
-    # ------------------------------------------------------------------ backend failures
-
-    def _safe_sample(self, where: str) -> AllocatorSample | None:
-        try:
-            return self._backend.sample()
-        except Exception as exc:
-            self._faults.failed(where, exc)
-            return None
-
-    def _safe_reset_peak(self) -> None:
-        try:
-            self._backend.reset_peak()
-        except Exception as exc:
-            self._faults.failed("reset_peak", exc)
-
-    def _post_mortem(self, tag: str) -> None:
-        dump = getattr(self._backend, "dump_post_mortem", None)  # optional: CUDA only
-        if dump is None:
-            return
-        try:
-            path = dump(tag)
-        except Exception as exc:
-            logger.warning("could not write the OOM memory snapshot: %s: %s",
-                           type(exc).__name__, exc)
-            return
-        if path is not None:
-            logger.error("allocator history for the OOM written to %s "
-                         "(open it in https://pytorch.org/memory_viz)", path)
-
-
-def _refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSample) -> str:
-    share = f"{math.floor(v.scale * 1000) / 10:.1f} % of the forecast activations fit"
-    c = v.cache
-    if v.bound == "fragmentation" and c is not None:
-        return (f"reserved {s.reserved_bytes / GB:.3f}GB stays above hard_limit "
-                f"{hard / GB:.3f}GB after any cleanup: {c.inactive_split_bytes / GB:.3f}GB of "
-                f"it is inactive split (fragmentation), which no cleanup returns; {share}")
-    if v.bound == "cleanup_disabled":
-        return (f"reserved {s.reserved_bytes / GB:.3f}GB is above hard_limit {hard / GB:.3f}GB "
-                f"and emergency cleanup is off; {share}")
-    if v.bound == "device" and c is not None:
-        room = c.room_bytes + s.reserved_bytes - s.allocated_bytes
-        return (f"the device has room for {room / GB:.3f}GB of the {activation / GB:.3f}GB "
-                f"forecast (free and cached); {share}")
-    return f"forecast peak {v.peak_bytes / GB:.3f}GB > hard_limit {hard / GB:.3f}GB; {share}"
-
 
 def _number(name: str, value: Any, *, above: float | None = None,
             at_least: float | None = None) -> float:

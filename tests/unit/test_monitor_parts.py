@@ -89,7 +89,7 @@ def _guard(card, basis="allocated", cleanups=None):
         return runner.run(reason, cooldown=not recovery)
 
     return LimitGuard(card, basis=basis, soft_limit_bytes=11 * GB, hard_limit_bytes=int(11.5 * GB),
-                      rearm_bytes=int(10.9 * GB), cleanup=cleanup, requests=runner,
+                      rearm_bytes=int(10.9 * GB), cleanup=cleanup, pending_cleanups=runner,
                       faults=BackendFaults(), python_warnings=False)
 
 

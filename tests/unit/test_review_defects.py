@@ -126,7 +126,7 @@ def test_a_cleanup_asked_for_on_the_generation_thread_answers_the_waiting_one_to
         http = threading.Thread(target=lambda: answers.append(monitor.request_cleanup("http")))
         http.start()
         for _ in range(5000):  # until the HTTP request is registered (at most 5 s)
-            if monitor._cleaner.pending is not None:
+            if monitor._cleanups.pending is not None:
                 break
             threading.Event().wait(0.001)
         mine = monitor.request_cleanup("http")  # from the generation thread: at once

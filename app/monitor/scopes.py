@@ -1,0 +1,120 @@
+"""``generation()`` and ``stage()``: the scopes a Director runs its slots in.
+
+They read the allocator at a scope's start and end, reset its peak register (the monitor
+owns it: it is global per device) and hand the figures to the generation tracker; their
+boundaries are where a cleanup another thread asked for runs (see cleanup.py). An OOM that
+escapes a slot becomes ``MemoryPressureError`` (oom.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from app.backends import AllocatorSample, MemoryBackend, is_oom_error
+from app.monitor.cleanup import CleanupRunner
+from app.monitor.faults import BackendFaults
+from app.monitor.generations import GenerationTracker
+from app.monitor.oom import oom_error, where, write_post_mortem
+from app.monitor.records import CleanupResult, GenerationRecord, LeakFinding
+from app.monitor.snapshots import SnapshotBuilder
+
+logger = logging.getLogger("app.monitor.monitor")
+
+
+class Scopes:
+    def __init__(self, backend: MemoryBackend, tracker: GenerationTracker,
+                 cleanups: CleanupRunner, snapshots: SnapshotBuilder, faults: BackendFaults,
+                 *, report_leak: Callable[[LeakFinding], None],
+                 cleanup: Callable[[str, bool], CleanupResult | None]) -> None:
+        self._backend = backend
+        self._tracker = tracker
+        self._cleanups = cleanups
+        self._snapshots = snapshots
+        self._faults = faults
+        self._report_leak = report_leak
+        self._cleanup = cleanup
+
+    def sample(self, where_: str) -> AllocatorSample | None:
+        try:
+            return self._backend.sample()
+        except Exception as exc:
+            self._faults.failed(where_, exc)
+            return None
+
+    def reset_peak(self) -> None:
+        try:
+            self._backend.reset_peak()
+        except Exception as exc:
+            self._faults.failed("reset_peak", exc)
+
+    @contextmanager
+    def generation(self, slot: int | None, scale: float) -> Iterator[GenerationRecord]:
+        """See ``VRAMMonitor.generation``."""
+        before = self.sample("generation")
+        before_bytes = before.allocated_bytes if before else None
+        record = self._tracker.begin(slot, before_bytes or 0, scale)
+        self._cleanups.enter_generation()
+        self.reset_peak()
+        self._snapshots.log_periodic("pre_generation", slot)
+        t0 = time.perf_counter()
+        try:
+            yield record
+        except BaseException as exc:
+            if not (isinstance(exc, Exception) and is_oom_error(exc)):
+                self._finish(record, before_bytes, t0, "failed")
+                raise
+            # Drop the frames' locals so the tensors the failed slot held can be freed.
+            traceback.clear_frames(exc.__traceback__)
+            oom = exc
+        else:
+            self._finish(record, before_bytes, t0, "ok")
+            return
+        self._finish(record, before_bytes, t0, "oom")
+        logger.error("CUDA out of memory in %s escaped the guards; cleaning up",
+                     where(slot, record.failed_stage))
+        write_post_mortem(self._backend, f"slot{slot}")  # the history as the OOM saw it
+        self._cleanup("oom", True)
+        raise oom_error(oom, slot, record.failed_stage) from oom
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """See ``VRAMMonitor.stage``."""
+        if self._cleanups.pending is not None:
+            self._cleanups.run_pending()
+        self._tracker.open_stage(name, self._peak_now())
+        self.reset_peak()
+        failed, wanted = False, 0
+        try:
+            yield
+        except BaseException as exc:
+            failed = True
+            wanted = getattr(exc, "projected_bytes", None) or 0  # a refused allocation's
+            raise
+        finally:
+            self._tracker.close_stage(name, self._peak_now(), failed, wanted)
+            if self._cleanups.pending is not None:
+                self._cleanups.run_pending()
+
+    def _peak_now(self) -> int:
+        s = self.sample("stage")
+        return s.peak_allocated_bytes if s else 0
+
+    def _finish(self, record: GenerationRecord, before_bytes: int | None, t0: float,
+                status: str) -> None:
+        try:
+            after = self.sample("generation")
+            finding = self._tracker.finish(
+                record, before_bytes,
+                None if after is None else (after.allocated_bytes, after.peak_allocated_bytes),
+                status, time.perf_counter() - t0,
+            )
+            self._snapshots.log_periodic("post_generation", record.slot)
+            if finding is not None:
+                self._report_leak(finding)
+        finally:
+            # On every way out of the slot: what another thread asked for runs now.
+            self._cleanups.leave_generation()
