@@ -1,6 +1,10 @@
-"""Request limits enforced before routing."""
+"""Request limits: header size, enforced before routing; the pace of costly reads."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -28,3 +32,23 @@ class HeaderLimit:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+class MinInterval:
+    """At most one call per ``interval_s``: ``take()`` gives 0.0 and starts a new interval, or
+    the seconds left of the running one. A call that failed still counts: a backend that
+    fails can be as slow to fail as to answer."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+
+    def take(self) -> float:
+        with self._lock:
+            now = self._clock()
+            if self._last is not None and (left := self._last + self.interval_s - now) > 0:
+                return left
+            self._last = now
+            return 0.0

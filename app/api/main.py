@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from app._version import __version__
 from app.api.http_metrics import HttpMetrics
-from app.api.limits import HeaderLimit
+from app.api.limits import HeaderLimit, MinInterval
 from app.api.routes import health, metrics, vram
 from app.api.security import HostCheck, OriginCheck, bearer_token, parse_allowed_hosts
 from app.metrics import VRAMCollector
@@ -30,7 +30,8 @@ def create_app(
 ) -> FastAPI:
     """The control plane for ``monitor``, ready to serve or to mount in a Director's own app.
 
-    ``token`` guards ``POST /vram/cleanup`` (``ValueError`` if no header could carry it).
+    ``token`` guards ``POST /vram/cleanup`` and ``GET /vram/memory_snapshot`` (``ValueError``
+    if no header could carry it).
     ``allowed_hosts`` (names or a comma list; ``None`` or ``*``: any) is the Host check that
     stops DNS rebinding: ``start_control_plane`` sets it from the address it binds, an app
     mounted elsewhere or driven by a test client sets it itself.
@@ -38,7 +39,8 @@ def create_app(
     app = FastAPI(
         title="vortex-vram control plane",
         version=__version__,
-        description="VRAM of the Director's device: snapshot, models, cleanup, metrics.",
+        description="VRAM of the Director's device: snapshot, models, cleanup, the allocator's "
+        "memory snapshot, metrics.",
         docs_url=None,  # the Swagger/ReDoc pages load assets from a CDN: left off
         redoc_url=None,
     )
@@ -50,6 +52,7 @@ def create_app(
     ProcessCollector(registry=registry)  # start time, RSS, open FDs: the Director process
     app.state.registry = registry
     app.state.scrape_cache = metrics.ScrapeCache(registry, metrics_ttl_s)
+    app.state.memory_snapshots = MinInterval(vram.MEMORY_SNAPSHOT_INTERVAL_S)
     routers = (health.router, vram.router, metrics.router)
     app.add_middleware(HttpMetrics, registry=registry, excluded=("/metrics",),
                        routes=[route for r in routers for route in r.routes])

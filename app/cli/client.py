@@ -105,13 +105,16 @@ class ControlPlaneClient:
     def has_token(self) -> bool:
         return self._token is not None
 
-    def get(self, path: str) -> Answer:
-        return self._request("GET", path)
+    def get(self, path: str, *, accept: str = "application/json") -> Answer:
+        return self._request("GET", path, {"Accept": accept, **self._auth()})
 
     def post(self, path: str) -> Answer:
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         # A POST is not retried on a fresh connection: it may have run the first time.
-        return self._request("POST", path, headers, retry=False)
+        return self._request("POST", path, self._auth(), retry=False)
+
+    def _auth(self) -> dict[str, str]:
+        # Only the commands that need it read a token (cleanup, dump, frag).
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def close(self) -> None:
         if self._conn is not None:

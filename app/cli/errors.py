@@ -12,10 +12,10 @@ if TYPE_CHECKING:
 class ExitCode(IntEnum):
     OK = 0
     ERROR = 1  # any other HTTP error, or an answer that makes no sense
-    USAGE = 2  # bad arguments, an unreadable token file, top without a terminal
+    USAGE = 2  # bad arguments, an unreadable token file or output file, top without a terminal
     UNREACHABLE = 3  # refused, unresolvable, or no answer within --timeout
     UNAUTHORIZED = 4  # 401: no token, or the wrong one
-    COOLING_DOWN = 5  # 429: a cleanup ran within the cooldown
+    COOLING_DOWN = 5  # 429: a cleanup within the cooldown, a memory snapshot within 5 s
     BACKEND_UNAVAILABLE = 6  # 503: the Director cannot read its GPU
 
 
@@ -23,14 +23,17 @@ EPILOG = """\
 exit codes:
   0  success (a cleanup that was scheduled, 202, too)
   1  any other HTTP error, or an answer that is not what the control plane sends
-  2  usage: bad arguments, an unreadable token file, top without a terminal
+  2  usage: bad arguments, an unreadable token file, an output file that cannot be
+     written (dump), top without a terminal
   3  the control plane is unreachable: refused, unresolvable, or no answer in --timeout
   4  unauthorized (401): no bearer token, or the wrong one
-  5  cooling down (429): a cleanup ran recently; the line says when to retry
+  5  cooling down (429): a cleanup ran recently, or a memory snapshot was taken
+     within 5 s (dump, frag); the line says when to retry
   6  VRAM backend unavailable (503): the Director cannot read its GPU
 
 environment: VORTEX_HOST, VORTEX_PORT (the default --url; 0.0.0.0 and :: mean loopback),
-VORTEX_TOKEN_FILE, VORTEX_TOKEN (the bearer token for cleanup, after --token-file).
+VORTEX_TOKEN_FILE, VORTEX_TOKEN (the bearer token for cleanup, dump and frag, after
+--token-file).
 """
 
 

@@ -26,6 +26,8 @@ from app.cli.render import counters, header, health, snapshot_models
 from app.cli.tracker import Tracker
 from app.cli.units import clock, gb, signed_gb
 
+HEADER_ROWS = 7  # render.header: five lines (the last the fragmentation line) in a border
+
 
 def run_top(client: ControlPlaneClient, console: Console, *, interval_s: float) -> int:
     if not console.is_terminal:
@@ -111,9 +113,9 @@ def top_view(feed: Feed, console: Console, interval_s: float, keys: bool) -> Ren
     n_models = len(snap.get("models") or {})
     middle = max(n_models + 2, 6) + 2
     monitor = 9 if height >= 36 else 0  # short terminals: the events matter more than totals
-    chart = max(3, min(10, height - 6 - middle - monitor - 2 - 7))
+    chart = max(3, min(10, height - HEADER_ROWS - middle - monitor - 2 - 7))
     layout = Layout()
-    parts = [Layout(header(snap, feed.client.url), name="header", size=6),
+    parts = [Layout(header(snap, feed.client.url), name="header", size=HEADER_ROWS),
              Layout(_timeline(t, snap, chart, interval_s, keys), size=chart + 2),
              Layout(name="middle", size=middle),
              Layout(_events(t), ratio=1)]

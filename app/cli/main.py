@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
 from rich.console import Console
 
+from app.cli import pinning
 from app.cli.client import Answer, ControlPlaneClient, default_url, read_token
 from app.cli.errors import EPILOG, CliError, ExitCode, raise_for_answer
-from app.cli.render import models_table, status_view
-from app.cli.units import gb
+from app.cli.render import fragmentation_line, models_table, status_view
+from app.cli.units import gb, size
 
 PROG = "vortex-vram"
 
@@ -25,15 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the control plane (default: http://VORTEX_HOST:VORTEX_PORT, "
                         f"now {default_url()})")
     common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="PATH",
-                        help="file holding the bearer token for cleanup "
+                        help="file holding the bearer token for cleanup, dump and frag "
                         "(else VORTEX_TOKEN_FILE, else VORTEX_TOKEN)")
     common.add_argument("--timeout", type=_positive, default=argparse.SUPPRESS, metavar="S",
-                        help="seconds to wait for an answer (default 5)")
+                        help="seconds to wait for an answer (default 5; 30 for dump "
+                        "and frag)")
     ap = argparse.ArgumentParser(
         prog=PROG, parents=[common], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The VRAM of one Vortex Director, from its control plane: a status "
-        "report, a live view, the models, an emergency cleanup. GB = 10^9 bytes.")
+        "report, a live view, the models, an emergency cleanup, the allocator's memory "
+        "snapshot and what pins it. GB = 10^9 bytes.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("status", "device, usage against the limits, models, counters, "
                         "leak trend, last cleanup, liveness, admission forecast"),
@@ -44,6 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--json", action="store_true",
                        help="print the control plane's JSON answer as it came")
+    dump = sub.add_parser("dump", parents=[common], epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="save the allocator's memory snapshot (a pickle) for memory_viz",
+                          description="Save GET /vram/memory_snapshot as it comes: PyTorch's "
+                          "snapshot pickle, never unpickled here, which "
+                          "`python -m torch.cuda._memory_viz` and "
+                          "https://pytorch.org/memory_viz open. Needs the bearer token; one "
+                          "per 5 s.")
+    dump.add_argument("-o", "--output", required=True, metavar="FILE",
+                      help="where to write the pickle")
+    frag = sub.add_parser("frag", parents=[common], epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="the segments that are mostly free but pinned by a few live "
+                          "blocks, and who allocated those",
+                          description="From the allocator's snapshot (as JSON): each segment "
+                          "(page, under expandable segments) at least "
+                          f"{pinning.MIN_FREE_SHARE:.0%} free and held by at most "
+                          f"{pinning.MAX_LIVE_BLOCKS} live blocks, most free first (the top "
+                          f"{pinning.TOP}), its live blocks and, with memory history recorded, "
+                          "the innermost frame outside torch and vortex-vram that allocated "
+                          "each; then the total they strand and the fragmentation figures. "
+                          "Needs the bearer token; one per 5 s.")
+    frag.add_argument("--json", action="store_true",
+                      help="print the snapshot's JSON as it came")
     top = sub.add_parser("top", parents=[common], epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          help="live full-screen view; q quits",
@@ -58,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = getattr(args, "url", None) or default_url()
-    timeout = getattr(args, "timeout", 5.0)
+    # A real card's snapshot, with memory history, takes seconds to build and to send.
+    timeout = getattr(args, "timeout", 30.0 if args.command in ("dump", "frag") else 5.0)
     console = Console(highlight=False)
     try:
-        token = read_token(getattr(args, "token_file", None)) if args.command == "cleanup" \
+        token = read_token(getattr(args, "token_file", None)) if args.command in _TOKEN \
             else None
         with ControlPlaneClient(url, token=token, timeout=timeout) as client:
             return COMMANDS[args.command](client, args, console)
@@ -115,6 +144,44 @@ def cleanup(client: ControlPlaneClient, args: argparse.Namespace, console: Conso
     return ExitCode.OK
 
 
+def dump(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    answer = client.get(SNAPSHOT, accept="application/octet-stream")
+    raise_for_answer(answer, f"GET {SNAPSHOT}", token_given=client.has_token)
+    # Saved as it came: a pickle runs code when loaded, so only the operator's own tools
+    # (memory_viz) open it, on purpose. PROTO (0x80) first: not a proxy's error page.
+    if not answer.body.startswith(b"\x80"):
+        raise CliError(ExitCode.ERROR, f"GET {SNAPSHOT}: the answer is no pickle "
+                       f"({answer.headers.get('content-type', 'no content type')}): "
+                       f"{answer.body[:80]!r}")
+    try:
+        with open(args.output, "wb") as f:
+            f.write(answer.body)
+    except OSError as exc:
+        raise CliError(ExitCode.USAGE, f"cannot write {args.output}: {exc}") from None
+    path = shlex.quote(args.output)
+    console.print(f"saved the allocator snapshot ({size(len(answer.body))}) to {args.output}; "
+                  f"open it with `python -m torch.cuda._memory_viz segment_plot {path} -o "
+                  "segments.html` or at https://pytorch.org/memory_viz", soft_wrap=True,
+                  markup=False)
+    return ExitCode.OK
+
+
+def frag(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    answer = client.get(f"{SNAPSHOT}?format=json")
+    raise_for_answer(answer, f"GET {SNAPSHOT}", token_given=client.has_token)
+    if args.json:
+        return _raw(answer.body)
+    try:
+        found = pinning.pinned_segments(answer.json_object())
+    except ValueError as exc:
+        raise CliError(ExitCode.ERROR, f"GET {SNAPSHOT}: {exc}") from None
+    snap = _get(client, "/vram/snapshot").json_object()  # the fragmentation figures
+    for line in pinning.report(found):
+        console.print(line, soft_wrap=True, markup=False)  # frames hold [ ] and < >
+    console.print(fragmentation_line(snap))
+    return ExitCode.OK
+
+
 def top(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
     from app.cli.live import run_top  # termios and the live view: only for top
 
@@ -122,8 +189,11 @@ def top(client: ControlPlaneClient, args: argparse.Namespace, console: Console) 
 
 
 COMMANDS: dict[str, Callable[[ControlPlaneClient, argparse.Namespace, Console], int]] = {
-    "status": status, "models": models, "cleanup": cleanup, "top": top,
+    "status": status, "models": models, "cleanup": cleanup, "dump": dump, "frag": frag,
+    "top": top,
 }
+_TOKEN = {"cleanup", "dump", "frag"}  # the commands whose endpoint is behind the token
+SNAPSHOT = "/vram/memory_snapshot"
 
 
 def _get(client: ControlPlaneClient, path: str) -> Answer:

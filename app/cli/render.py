@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +19,7 @@ from app.cli.bars import ShareBar, UsageBar, zone_style
 from app.cli.units import MB, clock, duration, gb, limit_gb, seconds_between, signed_gb
 
 Snapshot = Mapping[str, Any]
+FRAGMENTATION_STRANDED_BYTES = 1_000_000_000  # as VortexVRAMFragmentationHigh
 
 
 def header(snap: Snapshot, url: str) -> Panel:
@@ -35,12 +37,62 @@ def header(snap: Snapshot, url: str) -> Panel:
         f" hard {limit_gb(snap.get('hard_limit_gb'))}")
     detail = Text(
         f"allocated {gb(snap.get('allocated_bytes'))}  reserved {gb(snap.get('reserved_bytes'))}"
-        f"  free {gb(snap.get('device_free_bytes'))}  non-torch {gb(snap.get('non_torch_bytes'))}"
-        f"  fragmentation {100 * (snap.get('fragmentation_ratio') or 0):.2f}%", style="dim",
-        no_wrap=True, overflow="ellipsis")
-    body = Group(ident, usage, UsageBar(used, total, soft, hard), detail)
+        f"  free {gb(snap.get('device_free_bytes'))}  non-torch {gb(snap.get('non_torch_bytes'))}",
+        style="dim", no_wrap=True, overflow="ellipsis")
+    body = Group(ident, usage, UsageBar(used, total, soft, hard), detail,
+                 fragmentation_line(snap))
     return Panel(body, title=title, title_align="left",
                  subtitle=clock(snap.get("timestamp")), subtitle_align="right")
+
+
+def fragmentation_line(snap: Snapshot) -> RenderableType:
+    """The cache as one large request sees it (the snapshot's ``fragmentation`` object): in
+    words where the width allows, else shorter (96 columns: 12 GB figures; 80 GB ones lose the
+    last letters); yellow when the fragmentation alert's
+    condition holds (over half of the free memory, and over 1 GB, out of one request's reach)."""
+    frag = snap.get("fragmentation")
+    if not isinstance(frag, Mapping):  # a Director from before the object: the ratio alone
+        ratio = snap.get("fragmentation_ratio")
+        return Text("fragmentation " + ("—" if ratio is None else f"{100 * ratio:.1f} %"),
+                    style="dim")
+    ratio, largest, free = (frag.get("ratio"), frag.get("largest_allocatable_bytes"),
+                            frag.get("free_bytes"))
+    split, releasable = frag.get("inactive_split_bytes"), frag.get("releasable_bytes")
+    pct = "—" if ratio is None else f"{100 * ratio:.1f} %"
+    settings = snap.get("allocator_settings")
+    on = settings.get("expandable_segments") if isinstance(settings, Mapping) else None
+    expandable = "?" if on is None else ("on" if on else "off")
+    high = (ratio or 0) > 0.5 and (free or 0) - (largest or 0) > FRAGMENTATION_STRANDED_BYTES
+    style = "yellow" if high else "dim"
+    short = (f"largest {gb(largest)} of {gb(free)} GB free · split {gb(split)} · releasable "
+             f"{gb(releasable)} · expandable {expandable}")
+    return Fitted(
+        Text(f"fragmentation {pct}  largest allocatable {gb(largest)} GB of {gb(free)} GB "
+             f"free · inactive split {gb(split)} GB · releasable {gb(releasable)} GB · "
+             f"expandable_segments {expandable}", style=style),
+        Text(f"fragmentation {pct}  {short}", style=style),
+        Text(f"frag {pct}  {short}", style=style))
+
+
+class Fitted:
+    """The first of its one-line texts that fits the width; else the last, cut with an
+    ellipsis: a wide terminal gets words, 100 columns the short form, never a wrapped line."""
+
+    def __init__(self, *texts: Text) -> None:
+        self.texts = texts
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for text in self.texts:
+            if text.cell_len <= options.max_width:
+                yield text
+                return
+        last = self.texts[-1].copy()
+        last.truncate(options.max_width, overflow="ellipsis")
+        yield last
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(t.cell_len for t in self.texts),
+                           max(t.cell_len for t in self.texts))
 
 
 def models_table(models: Mapping[str, Any] | None, *, card_bytes: int | None = None,

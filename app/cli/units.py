@@ -12,6 +12,17 @@ def gb(nbytes: float | None) -> str:
     return "—" if nbytes is None else f"{nbytes / GB:.3f}"
 
 
+def size(nbytes: int) -> str:
+    """A block or segment size, decimal, in the unit that keeps its digits: 512 B, 2.097 MB."""
+    if nbytes < 1000:
+        return f"{nbytes} B"
+    if nbytes < MB:
+        return f"{nbytes / 1000:.1f} kB"
+    if nbytes < GB:
+        return f"{nbytes / MB:.3f} MB"
+    return f"{nbytes / GB:.3f} GB"
+
+
 def signed_gb(nbytes: float | None) -> str:
     return "—" if nbytes is None else f"{nbytes / GB:+.3f}"
 

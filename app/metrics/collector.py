@@ -48,10 +48,10 @@ _GAUGES = {
     "hard_limit_bytes": ("Hard limit.", "hard_limit_bytes"),
     "fragmentation_bytes": ("Inactive split bytes: cached memory inside blocks in use, which "
                             "empty_cache cannot return.", "inactive_split_bytes"),
-    "fragmentation_ratio": ("1 - largest_allocatable_bytes / fragmentation_free_bytes: the "
-                            "share of free memory (device room and the whole cache) that one "
-                            "allocation cannot get; also under expandable_segments.",
-                            "fragmentation_ratio"),
+    "fragmentation_ratio": ("1 - largest_allocatable_bytes / fragmentation_free_bytes (in "
+                            "whole 2 MiB steps, or pages): the share of free memory (device "
+                            "room and the whole cache) that one allocation cannot get; also "
+                            "under expandable_segments.", "fragmentation_ratio"),
     "leak_trend_bytes_per_generation": ("Least-squares slope of allocated bytes after each "
                                         "generation over the leak window.",
                                         "leak_bytes_per_generation"),
@@ -128,7 +128,7 @@ def _settings_info(device: str, settings: Mapping[str, Any]) -> GaugeMetricFamil
             value = _divisions(value)
         elif isinstance(value, bool):
             value = str(value).lower()
-        values.append("" if value is None else str(value))
+        values.append("none" if value is None else str(value))  # max_split_size_mb unset
     info = GaugeMetricFamily(P + "allocator_settings_info", "The caching allocator's settings "
                              "(PYTORCH_ALLOC_CONF) in force, as labels; always 1.",
                              labels=["device", *_SETTINGS_LABELS])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -20,7 +21,9 @@ import httpx
 import pytest
 
 from app import SimulatedBackend, VRAMMonitor, start_control_plane
+from app.api.server import serve_in_thread
 from app.cli.main import main
+from app.cli.units import size
 from tests.conftest import CARD_MODELS, allocate_exact, load_card_models
 from tests.integration.conftest import TOKEN
 from tests.integration.helpers import running_demo
@@ -212,6 +215,115 @@ def test_cleanup_during_a_generation_is_scheduled(cli: Run) -> None:
     assert out.startswith("cleanup scheduled: a generation is running")
 
 
+# -- dump, frag -------------------------------------------------------------------------
+
+
+def _pin(card: SimulatedBackend) -> int:
+    """A 20 MiB segment held by one 5 MiB block, allocated here (the frame frag names)."""
+    handles = []
+    for _ in range(4):  # a loop, not a comprehension: the frame is this function's
+        handles.append(card.allocate(5 << 20))
+    for h in handles[1:]:
+        card.free(h)
+    return handles[0]
+
+
+def test_dump_saves_the_pickle_as_it_came_and_says_how_to_open_it(
+        cli: Run, plane, node, token_file: Path, tmp_path: Path) -> None:
+    _, card = node
+    card.record_memory_history(True)
+    _pin(card)
+    target = tmp_path / "vram dump.pickle"  # a space: the printed command must quote it
+    code, out, err = cli("dump", "-o", str(target), "--url", plane.url,
+                         "--token-file", str(token_file))
+    assert (code, err) == (0, "")
+    (line,) = out.splitlines()
+    assert line == (f"saved the allocator snapshot ({size(target.stat().st_size)}) to {target}; "
+                    f"open it with `python -m torch.cuda._memory_viz segment_plot "
+                    f"{shlex.quote(str(target))} -o segments.html` or at "
+                    "https://pytorch.org/memory_viz")
+    assert pickle.loads(target.read_bytes())["segments"] == card.memory_snapshot()["segments"]
+    # What it says to run runs.
+    argv = shlex.split(re.search(r"`([^`]+)`", line).group(1))
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "<script" in (tmp_path / "segments.html").read_text()
+    # Within 5 s: cooling down, and nothing written.
+    again = tmp_path / "again.pickle"
+    code, out, err = cli("dump", "-o", str(again), "--url", plane.url,
+                         "--token-file", str(token_file))
+    assert (code, out) == (5, "")
+    assert re.search(r"GET /vram/memory_snapshot: cooling down \(429\), retry after [1-5]s: a "
+                     r"memory snapshot is costly: one every 5s", one_error_line(err))
+    assert not again.exists()
+
+
+def test_dump_without_the_token_or_somewhere_unwritable(cli: Run, plane, token_file: Path,
+                                                         tmp_path: Path) -> None:
+    target = tmp_path / "x.pickle"
+    code, out, err = cli("dump", "-o", str(target), "--url", plane.url)
+    assert (code, out) == (4, "") and "no token given" in one_error_line(err)
+    assert not target.exists()
+    code, out, err = cli("dump", "-o", str(tmp_path / "no" / "such" / "dir.pickle"),
+                         "--url", plane.url, "--token-file", str(token_file))
+    assert (code, out) == (2, "")
+    assert "cannot write " in one_error_line(err)
+
+
+def test_frag_names_the_pinned_segments_and_who_holds_them(cli: Run, plane, node,
+                                                          token_file: Path) -> None:
+    _, card = node
+    card.record_memory_history(True)
+    _pin(card)
+    code, out, err = cli("frag", "--url", plane.url, "--token-file", str(token_file))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    held = next(i for i, x in enumerate(lines) if "in _pin" in x)
+    assert re.fullmatch(r"segment 0x[0-9a-f]+  large  size 20\.972 MB  free 15\.729 MB "
+                        r"\(75\.0 %\)  held by 1 live block:", lines[held - 1]), lines[held - 1]
+    assert re.fullmatch(r" +5\.243 MB  at 0x[0-9a-f]+  integration/test_cli\.py:\d+ in _pin",
+                        lines[held])
+    assert re.fullmatch(r"pinned \d+ segments? in \d+ segments \(at least 50 % free, at most 4 "
+                        r"live blocks\), stranding \d\.\d{3} GB", lines[-2]), lines[-2]
+    assert lines[-1].startswith("frag ") and lines[-1].endswith("expandable off")
+    assert all(len(x) <= 100 or x.startswith("pinned ") for x in lines)
+
+
+def test_frag_json_backend_failure_and_an_answer_without_segments(
+        cli: Run, node, monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor, card = node
+    with start_control_plane(monitor, port=0) as open_plane:
+        code, out, _ = cli("frag", "--json", "--url", open_plane.url)
+        assert code == 0
+        assert json.loads(out)["segments"] == json.loads(json.dumps(
+            card.memory_snapshot()["segments"]))
+    monkeypatch.setattr(card, "memory_snapshot", lambda: 1 / 0)
+    with start_control_plane(monitor, port=0) as open_plane:
+        code, out, err = cli("frag", "--url", open_plane.url)
+    assert (code, out) == (6, "")
+    assert one_error_line(err) == (
+        "vortex-vram: error: GET /vram/memory_snapshot: VRAM backend unavailable: reading the "
+        "device failed (ZeroDivisionError) (503)")
+
+    async def not_a_snapshot(scope, receive, send) -> None:  # a proxy, another service
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"segments": 3}'})
+
+    other = serve_in_thread(not_a_snapshot)
+    try:
+        code, out, err = cli("frag", "--url", other.url)
+        assert (code, out) == (1, "")
+        assert one_error_line(err) == ("vortex-vram: error: GET /vram/memory_snapshot: not an "
+                                       "allocator snapshot: it has no list of segments")
+        code, out, err = cli("dump", "-o", "/dev/null", "--url", other.url)
+        assert (code, out) == (1, "")
+        assert "the answer is no pickle (application/json)" in one_error_line(err)
+    finally:
+        other.stop()
+
+
 # -- errors -----------------------------------------------------------------------------
 
 
@@ -230,10 +342,10 @@ def test_backend_unavailable_is_exit_6(cli: Run, plane, node, token_file: Path) 
     assert "POST /vram/cleanup: VRAM backend unavailable" in one_error_line(err)
 
 
-@pytest.mark.parametrize("command", ["status", "models", "cleanup"])
+@pytest.mark.parametrize("command", ["status", "models", "cleanup", "dump -o x", "frag"])
 def test_unreachable_is_exit_3(cli: Run, command: str) -> None:
     port = closed_port()
-    code, out, err = cli(command, "--url", f"http://127.0.0.1:{port}")
+    code, out, err = cli(*command.split(), "--url", f"http://127.0.0.1:{port}")
     assert (code, out) == (3, "")
     assert one_error_line(err) == (
         f"vortex-vram: error: cannot reach the control plane at http://127.0.0.1:{port}: "
@@ -259,7 +371,7 @@ def test_other_http_errors_are_exit_1(cli: Run, plane) -> None:
 
 
 @pytest.mark.parametrize("args", [["bogus"], [], ["top", "--interval", "0"],
-                                  ["status", "--url", "ftp://x"],
+                                  ["status", "--url", "ftp://x"], ["dump"],
                                   ["cleanup", "--token-file", "/nonexistent/token"]])
 def test_usage_errors_are_exit_2(cli: Run, args: list[str]) -> None:
     try:

@@ -9,6 +9,8 @@ import threading
 
 import httpx
 import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import (
     ControlPlaneError,
@@ -112,6 +114,39 @@ def test_metrics(plane, node):
     assert monitor.counters().generations == 0
 
 
+def test_fragmentation_metrics_are_the_snapshots():
+    # Expandable segments: no inactive split, and yet most of the free memory is out of one
+    # request's reach (pages held by one live block each, on a full card).
+    card = SimulatedBackend(2 * 10**9, alloc_conf="expandable_segments:True,"
+                            "roundup_power2_divisions:4,max_split_size_mb:200")
+    monitor = VRAMMonitor(backend=card)
+    handles = []
+    with pytest.raises(torch.OutOfMemoryError):
+        while True:
+            handles.append(card.allocate(5 << 20))
+    for i, h in enumerate(handles):
+        if i % 4:
+            card.free(h)
+    with start_control_plane(monitor, port=0, metrics_ttl_s=0) as cp:
+        frag = httpx.get(f"{cp.url}/vram/snapshot").json()["fragmentation"]
+        text = httpx.get(f"{cp.url}/metrics").text
+    values = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    for name, key in (("fragmentation_bytes", "inactive_split_bytes"),
+                      ("releasable_bytes", "releasable_bytes"),
+                      ("largest_free_block_bytes", "largest_free_block_bytes"),
+                      ("largest_allocatable_bytes", "largest_allocatable_bytes"),
+                      ("fragmentation_free_bytes", "free_bytes"),
+                      ("fragmentation_ratio", "ratio")):
+        assert values[f"icn_vortex_vram_{name}"].value == frag[key], name
+    assert frag["inactive_split_bytes"] == 0 and frag["ratio"] > 0.9
+    assert frag["free_bytes"] - frag["largest_allocatable_bytes"] > 1e9  # the alert's case
+    info = values["icn_vortex_vram_allocator_settings_info"]
+    assert info.value == 1.0
+    assert info.labels == {"device": "sim:0", "expandable_segments": "true",
+                           "max_split_size_mb": "200", "garbage_collection_threshold": "0.0",
+                           "roundup_power2_divisions": "4", "backend": "native"}
+
+
 def test_metrics_follow_the_monitor(plane, node):
     monitor, card = node
     with monitor.generation(1):
@@ -139,12 +174,18 @@ def test_live_metrics_pass_promtool(plane, node):
 def test_openapi_documents_every_endpoint_truthfully(plane):
     spec = httpx.get(f"{plane.url}/openapi.json").json()
     assert set(spec["paths"]) == {"/healthz", "/readyz", "/vram/snapshot", "/vram/models",
-                                  "/vram/cleanup", "/metrics"}
+                                  "/vram/cleanup", "/vram/memory_snapshot", "/metrics"}
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]
     cleanup = spec["paths"]["/vram/cleanup"]["post"]["responses"]
     assert {"200", "401", "429"} <= set(cleanup)
     assert "Retry-After" in cleanup["429"]["headers"]
+    dump = spec["paths"]["/vram/memory_snapshot"]["get"]
+    assert {"200", "401", "422", "429", "503"} <= set(dump["responses"])
+    assert set(dump["responses"]["200"]["content"]) == {"application/octet-stream",
+                                                        "application/json"}
+    assert "Retry-After" in dump["responses"]["429"]["headers"]
+    assert dump["parameters"][0]["schema"]["enum"] == ["pickle", "json"]
     assert httpx.get(f"{plane.url}/docs").status_code == 404  # no CDN-backed pages
 
 

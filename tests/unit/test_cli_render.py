@@ -181,3 +181,46 @@ def test_an_answer_that_is_no_json_object_is_a_clear_error() -> None:
     assert Answer(503, {}, b'{"detail": "VRAM backend unavailable: x"}').detail == (
         "VRAM backend unavailable: x")
     assert Answer(421, {}, b"misdirected request\n").detail == "misdirected request"
+
+
+FRAG = {"inactive_split_bytes": 920_000_000, "releasable_bytes": 0,
+        "largest_free_block_bytes": 412_000_000, "largest_allocatable_bytes": 412_000_000,
+        "free_bytes": 1_310_000_000, "ratio": 0.6855, "estimate": False}
+
+
+def _frag_line(width: int, **snap: object) -> str:
+    out = render(status_view({**SNAP, **snap}, None, "http://127.0.0.1:8000"), width=width)
+    assert all(len(line) <= width for line in out.splitlines())
+    return next(line for line in out.splitlines() if "frag" in line).strip("│ ")
+
+
+def test_the_fragmentation_line_says_it_in_words_where_it_fits() -> None:
+    settings = {"expandable_segments": False}
+    wide = _frag_line(160, fragmentation=FRAG, allocator_settings=settings)
+    assert wide == ("fragmentation 68.5 %  largest allocatable 0.412 GB of 1.310 GB free · "
+                    "inactive split 0.920 GB · releasable 0.000 GB · expandable_segments off")
+    assert _frag_line(100, fragmentation=FRAG, allocator_settings=settings) == (
+        "frag 68.5 %  largest 0.412 of 1.310 GB free · split 0.920 · releasable 0.000 · "
+        "expandable off")
+    # Figures of an 80 GB card: cut at the panel's edge, never wrapped onto a second line.
+    big = {**FRAG, "free_bytes": 79 * GB, "inactive_split_bytes": 20 * GB,
+           "releasable_bytes": 40 * GB, "largest_allocatable_bytes": 10 * GB, "ratio": 0.8734}
+    line = _frag_line(100, fragmentation=big, allocator_settings={"expandable_segments": True})
+    assert line.startswith("frag 87.3 %  largest 10.000 of 79.000 GB free") and len(line) <= 96
+    # A Director from before the fragmentation object, and one with nothing at all.
+    assert _frag_line(100, fragmentation_ratio=0.25) == "fragmentation 25.0 %"
+    assert _frag_line(100) == "fragmentation —"
+    assert "expandable ?" in _frag_line(100, fragmentation={"ratio": 0.1})
+
+
+def test_the_fragmentation_line_turns_yellow_where_the_alert_would_fire() -> None:
+    def style(frag: dict) -> str:
+        console = Console(width=100, file=io.StringIO(), color_system="truecolor")
+        console.print(status_view({**SNAP, "fragmentation": frag}, None, "u"))
+        line = next(x for x in console.file.getvalue().splitlines() if "frag " in x)
+        return "yellow" if "\x1b[33m" in line else "dim" if "\x1b[2m" in line else line
+
+    assert style(FRAG) == "dim"  # 69 % of 1.3 GB: 0.9 GB out of reach, under the 1 GB
+    assert style({**FRAG, "free_bytes": 1_500_000_000, "ratio": 0.7253}) == "yellow"
+    assert style({**FRAG, "free_bytes": 40 * GB, "largest_allocatable_bytes": 30 * GB,
+                  "ratio": 0.25}) == "dim"  # 10 GB out of reach, but a quarter of it
