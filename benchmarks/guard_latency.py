@@ -7,6 +7,14 @@
 Also checks that the monitor allocates no VRAM and that its Python heap does not grow over
 100,000 checks (tracemalloc), and on CUDA times the task card's reference check
 (``torch.cuda.memory_allocated()`` compared with two limits) side by side.
+
+Beside the healthy state (five models resident, a warm cache) it times the guards in a
+*fragmented* state, on the simulated card: 9 GB of weights and 80 segments of 20 MiB, each
+pinned by one live 4 MiB block. A 2 GB request there is under the hard limit by the counters
+but cannot be placed (no free block holds it, the device has 1.32 GB of room and nothing is
+releasable), so the guards take their slow path and read the cache: ``check_allocation``
+refuses it, ``fit_allocation`` shrinks it to what can be placed. The monitor's logs are off
+for that part (a refusal logs one ERROR record per call; its cost is the handlers').
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -26,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from app import CudaBackend, SimulatedBackend, VRAMMonitor
+from app import CudaBackend, MemoryPressureError, SimulatedBackend, VRAMMonitor
 from app.monitor.admission import Forecaster
 
 GB = 1_000_000_000
+MiB = 1 << 20
 
 
 def progress(it, total: int, label: str):
@@ -80,6 +90,73 @@ def heap_growth(fn: Callable[[], object], n: int) -> int:
     return sum(s.size_diff for s in stats if "tracemalloc" not in s.traceback[0].filename)
 
 
+def fragmented_card() -> tuple[SimulatedBackend, list[int]]:
+    """9 GB of weights and 80 segments of 20 MiB, each pinned by one live 4 MiB block: a
+    16 MiB filler takes the rest of each segment while the next 4 MiB block is allocated
+    (else best fit would put them all in one segment), then every filler is freed."""
+    card = SimulatedBackend(12 * GB, alloc_conf="expandable_segments:False")
+    live = [card.allocate(9 * GB)]
+    fillers = []
+    for _ in range(80):
+        live.append(card.allocate(4 * MiB))
+        fillers.append(card.allocate(16 * MiB))
+    for handle in fillers:
+        card.free(handle)
+    return card, live
+
+
+def fragmented_state(n: int) -> dict:
+    """The guards where a big request cannot be placed: the slow path, which reads the cache."""
+    card, live = fragmented_card()
+    monitor = VRAMMonitor(backend=card, soft_limit_gb=11.0, hard_limit_gb=11.5)
+    big = 2 * GB  # under the hard limit by the counters, larger than the room and every block
+    state = card.cache_state(big)
+    assert state.reuse_bytes == 0 and state.new_bytes > state.room_bytes + state.releasable_bytes
+
+    def refused() -> None:
+        try:
+            monitor.check_allocation(big, "fragmented")
+        except MemoryPressureError:
+            pass
+        else:  # pragma: no cover - the state is built so that it cannot be placed
+            raise AssertionError("an unplaceable request was let through")
+
+    app_logs = logging.getLogger("app")
+    level = app_logs.level
+    app_logs.setLevel(logging.CRITICAL)  # 100,000 refusals: keep their ERROR lines off stderr
+    try:
+        fitted = monitor.fit_allocation(big, "fragmented")
+        results = {
+            "check_allocation": time_calls(refused, n, "fragmented check_allocation"),
+            "fit_allocation": time_calls(lambda: monitor.fit_allocation(big, "fragmented"), n,
+                                         "fragmented fit_allocation"),
+            "check_limits": time_calls(monitor.check_limits, n, "fragmented check_limits"),
+        }
+    finally:
+        app_logs.setLevel(level)
+    s = card.sample()
+    results["state"] = {
+        "allocated_bytes": s.allocated_bytes, "reserved_bytes": s.reserved_bytes,
+        "room_bytes": state.room_bytes, "releasable_bytes": state.releasable_bytes,
+        "largest_free_block_bytes": state.largest_free_block_bytes,
+        "request_bytes": big, "fitted_bytes": fitted, "pinned_segments": len(live) - 1,
+    }
+    return results
+
+
+def print_states(healthy: dict, fragmented: dict) -> None:
+    print(f"\n{'median / p99 µs':<20}{'healthy':>28}{'fragmented (simulated)':>30}")
+    for name in ("check_allocation", "fit_allocation", "check_limits"):
+        h, f = healthy[name], fragmented[name]
+        print(f"{name:<20}{h['median_us']:>18.2f} / {h['p99_us']:<7.2f}"
+              f"{f['median_us']:>20.2f} / {f['p99_us']:<7.2f}")
+    st = fragmented["state"]
+    print(f"fragmented: {st['request_bytes'] / GB:.1f} GB asked, room "
+          f"{st['room_bytes'] / GB:.3f} GB, releasable {st['releasable_bytes']} B, largest "
+          f"free block {st['largest_free_block_bytes'] / MiB:.0f} MiB: fit gives "
+          f"{st['fitted_bytes'] / GB:.3f} GB")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--simulate", action="store_true", help="a simulated 12 GB card, no GPU")
@@ -125,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "check_limits": time_calls(monitor.check_limits, n, "check_limits"),
         "check_allocation": time_calls(lambda: monitor.check_allocation(1 << 20), n,
                                        "check_allocation"),
+        "fit_allocation": time_calls(lambda: monitor.fit_allocation(1 << 20), n,
+                                     "fit_allocation"),
         "log_snapshot": time_calls(lambda: monitor.log_snapshot("bench"), n // 20, "log_snapshot"),
         "generation_overhead": time_calls(gen_overhead, n // 10, "generation() overhead"),
         # The decision from the cached forecast: one allocator read, no allocation.
@@ -154,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "check_allocation": heap_growth(lambda: monitor.check_allocation(1 << 20), 100_000),
         "admit": heap_growth(monitor.admit, 100_000),
     }
+    # Always on the simulated card: building the state needs its exact placement.
+    fragmented = fragmented_state(n)
     meta = {
         "mode": mode,
         "device": torch.cuda.get_device_name(0) if mode == "cuda" else "simulated 12 GB card",
@@ -171,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                  "heap_growth_bytes_100k_checks"):
         if name in results:
             print(f"{name}: {results[name]}")
+    print_states(results, fragmented)
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"meta": meta, "results": results,
+                                         "fragmented": fragmented}, indent=2))
     del kept
     return 0
 

@@ -20,9 +20,16 @@ def _bench(tmp_path, script: str, *args: str, timeout: float = 180) -> subproces
 def test_guard_latency(tmp_path):
     done = _bench(tmp_path, "guard_latency.py", "--calls", "5000", "--json", "out.json")
     assert done.returncode == 0, done.stderr
-    res = json.loads((tmp_path / "out.json").read_text())["results"]
+    out = json.loads((tmp_path / "out.json").read_text())
+    res, fragmented = out["results"], out["fragmented"]
     assert res["check_limits"]["median_us"] > 0
     assert res["monitor_vram_bytes"] == {"allocated_delta": 0, "reserved_delta": 0}
+    for call in ("check_allocation", "fit_allocation", "check_limits"):
+        assert fragmented[call]["median_us"] > 0
+    # The state is what it claims: the 2 GB request is shrunk to the device's room.
+    state = fragmented["state"]
+    assert state["releasable_bytes"] == 0 and state["pinned_segments"] == 80
+    assert 0 < state["fitted_bytes"] <= state["room_bytes"] < state["request_bytes"]
 
 
 def test_stress_test_plots_and_lets_no_oom_escape(tmp_path):
@@ -48,6 +55,31 @@ def test_admission_misses_fewer_slots_on_the_same_slots(tmp_path):
         assert total == 400
         missed[mode] = summary["missed"]
     assert missed["--admission"] * 5 <= missed["--no-admission"], missed
+
+
+def test_fragmentation_new_guard_lets_no_oom_escape(tmp_path):
+    done = _bench(tmp_path, "fragmentation.py", "--slots", "150", "--plot", "frag.png",
+                  "--json", "out.json", timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    runs = {(r["guard"], r["expandable_segments"]): r for r in report["runs"]}
+    assert set(runs) == {(g, e) for g in ("naive", "landed", "new") for e in (False, True)}
+    for r in runs.values():
+        outcomes = r["full"] + r["degraded"] + r["skipped"] + r["lost"]
+        assert outcomes == 150
+        assert r["lost"] == r["aborted_refused"] + r["aborted_oom"]
+        assert r["cleanups"] == r["cleanups_counted"]
+        for key in ("ooms_escaped", "refusals_caught", "cleanups", "useless_cleanups",
+                    "guard_p50_us", "guard_p99_us", "cleanups_by_reason"):
+            assert key in r
+    for expandable in (False, True):
+        new = runs[("new", expandable)]
+        assert new["ooms_escaped"] == 0 and new["allocator_ooms"] == 0
+        assert new["useless_cleanups"] == 0
+    # The workload does fragment: the card's naive check lets through what cannot be placed.
+    assert runs[("naive", False)]["ooms_escaped"] > 0
+    assert set(report["goal"]["checks"]) == {"expandable_off", "expandable_on"}
+    assert (tmp_path / "frag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_profile(tmp_path):
