@@ -96,6 +96,12 @@ class LeakDetector:
             self._origin = before_bytes
         if self._window_start is None:
             self._window_start = before_bytes
+        if after_bytes < self._origin:
+            # The level fell (a large tensor freed between slots): growth is measured from
+            # the lowest level, or a leak after the fall hides until it climbs back.
+            self._origin, self._since_origin = after_bytes, 0
+        if after_bytes < self._window_start:
+            self._window_start = after_bytes
         self.samples.append(after_bytes)
         self._in_window += 1
         self._since_origin += 1

@@ -18,6 +18,7 @@ from app.monitor.records import GB, CleanupResult, to_gb
 logger = logging.getLogger("app.monitor.monitor")
 
 _RESERVED = 1  # index of reserved_bytes in AllocatorSample; allocated_bytes is 0
+MAX_REQUEST_BYTES = 1 << 60  # c10's "Tried to allocate more than 1EB memory"
 
 # cleanup(reason, recovery) -> the cleanup's result, or None when it did not run
 Cleanup = Callable[[str, bool], CleanupResult | None]
@@ -37,6 +38,9 @@ def request_size(value: object, name: str = "requested_bytes") -> int:
     n = int(value)
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if n >= MAX_REQUEST_BYTES:
+        raise ValueError(f"{name}={value!r} is more than 1 EiB, which the caching allocator "
+                         "refuses outright")
     return n
 
 
@@ -127,10 +131,8 @@ class LimitGuard:
 
     def check_allocation(self, requested_bytes: int, context: str = "") -> int | None:
         """See ``VRAMMonitor.check_allocation``."""
-        if type(requested_bytes) is not int:
+        if type(requested_bytes) is not int or not 0 <= requested_bytes < MAX_REQUEST_BYTES:
             requested_bytes = request_size(requested_bytes)
-        elif requested_bytes < 0:
-            raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
         if self._pending.pending is not None:
             self._pending.run_pending()
         try:
@@ -155,10 +157,8 @@ class LimitGuard:
         asked, the peak the whole request would have reached: what the slot wanted; else 0).
         Its first lines repeat ``check_allocation``'s rather than share a helper: a call frame
         more on that hot path costs ~3 % of it."""
-        if type(requested_bytes) is not int:
+        if type(requested_bytes) is not int or not 0 <= requested_bytes < MAX_REQUEST_BYTES:
             requested_bytes = request_size(requested_bytes)
-        elif requested_bytes < 0:
-            raise ValueError(f"requested_bytes must be >= 0, got {requested_bytes}")
         if self._pending.pending is not None:
             self._pending.run_pending()
         try:

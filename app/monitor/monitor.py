@@ -292,9 +292,14 @@ class VRAMMonitor:
         the automatic leak baselines by what it added: a deliberate load is not a leak, whether
         it happens between slots or lazily inside one.
         """
-        with self._registry.track_load(name, budget_gb, replace=replace) as added:
+        with self._registry.track_load(name, budget_gb, replace=replace,
+                                       read=self._allocated_now) as added:
             yield
         self._tracker.rebase_leak(added[0])
+
+    def _allocated_now(self) -> int | None:
+        s = self._scopes.sample("track_model_load")
+        return None if s is None else s.allocated_bytes
 
     def register_model(self, name: str, module: torch.nn.Module, budget_gb: float | None = None,
                        *, replace: bool = False) -> int:

@@ -33,7 +33,9 @@ class ModelRecord:
     name: str
     vram_bytes: int
     budget_bytes: int | None
-    source: str  # "allocator_delta" (track_model_load) or "module_storages" (register_model)
+    # "allocator_delta" (track_model_load), "module_storages" (register_model), or
+    # "unmeasured" (loaded while the backend could not be read)
+    source: str
 
     @property
     def over_budget(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -35,17 +35,29 @@ class ModelRegistry:
 
     @contextmanager
     def track_load(self, name: str, budget_gb: float | None = None, *,
-                   replace: bool = False) -> Iterator[list[int]]:
+                   replace: bool = False,
+                   read: Callable[[], int | None] | None = None) -> Iterator[list[int]]:
         """Register ``name`` with the allocated bytes its loading adds; yields a one-item list
         that holds those bytes once the block ends. Nothing is registered if loading raises;
-        a name already registered is refused before anything loads."""
+        a name already registered is refused before anything loads. ``read`` gives allocated
+        bytes or None when the backend cannot be read (the monitor's fail-open read): then
+        the model is registered as unmeasured, with 0 bytes, and a warning says so."""
         budget = budget_bytes(budget_gb)
         self._refuse_duplicate(name, replace)
-        before = self._backend.sample().allocated_bytes
+        if read is None:
+            def read() -> int | None:
+                return self._backend.sample().allocated_bytes
+        before = read()
         added: list[int] = []
         yield added
-        added.append(max(0, self._backend.sample().allocated_bytes - before))
-        self.add(ModelRecord(name, added[0], budget, "allocator_delta"), replace=replace)
+        after = read()
+        measured = before is not None and after is not None
+        added.append(max(0, after - before) if measured else 0)
+        if not measured:
+            logger.warning("model %s loaded while the backend could not be read: registered "
+                           "with 0 bytes (unmeasured)", name)
+        self.add(ModelRecord(name, added[0], budget,
+                             "allocator_delta" if measured else "unmeasured"), replace=replace)
 
     def register_module(self, name: str, module: torch.nn.Module,
                         budget_gb: float | None = None, *, replace: bool = False) -> int:
