@@ -28,6 +28,7 @@ MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: from here a segment is the rounded
 ROUND_LARGE = 2 * MiB  # kRoundLarge
 ROUNDUP_INTERVALS = 16  # kRoundUpPowerOfTwoIntervals: 1 MiB, 2 MiB, ... 32 GiB and above
 SIZE_MAX = (1 << 64) - 1
+NO_DIVISIONS = (0,) * ROUNDUP_INTERVALS  # the default: plain 512-byte rounding
 
 ENV_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 _BOOL_KEYS = ("expandable_segments", "release_lock_on_cudamalloc",
@@ -53,7 +54,7 @@ class AllocatorSettings:
     max_split_size_bytes: int = SIZE_MAX  # blocks this large or larger are never split
     max_non_split_rounding_bytes: int = LARGE_BUFFER
     garbage_collection_threshold: float = 0.0  # 0: off; acts only under a memory fraction
-    roundup_power2_divisions: tuple[int, ...] = (0,) * ROUNDUP_INTERVALS
+    roundup_power2_divisions: tuple[int, ...] = NO_DIVISIONS
     expandable_segments: bool = False
     backend: str = "native"
     text: str = ""  # as given, for reports
@@ -71,6 +72,8 @@ class AllocatorSettings:
         """The block size handed out for a request of ``nbytes`` (round_size)."""
         if nbytes < MIN_BLOCK:
             return MIN_BLOCK
+        if self.roundup_power2_divisions is NO_DIVISIONS:  # the common case, without a lookup
+            return (nbytes + MIN_BLOCK - 1) // MIN_BLOCK * MIN_BLOCK
         div = self.divisions(nbytes)
         if div > 1 and nbytes > MIN_BLOCK * div:
             return _roundup_power2_next_division(nbytes, div)

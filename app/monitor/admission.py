@@ -36,6 +36,9 @@ NO_FORECAST = Forecast(0, 0, 0, MappingProxyType({}))
 # Stage windows kept, the most recently seen: a Director whose stage names vary ("chunk 17")
 # would otherwise grow one window per name forever, and every forecast with them.
 MAX_STAGES = 64
+# A skip that cannot move the forecast by the median shrinks its largest value by this: a
+# forecast twice too high lets the Director probe again after about seven skips.
+SKIP_SHRINK = 0.9
 
 
 class SortedWindow:
@@ -58,6 +61,14 @@ class SortedWindow:
             self._fifo.remove(self._sorted.pop())
         self._fifo.append(value)
         insort(self._sorted, value)
+
+    def shrink_max(self, factor: float) -> None:
+        """Put ``factor`` times the largest value in its place."""
+        if self._sorted:
+            largest = self._sorted.pop()
+            self._fifo.remove(largest)
+            self._fifo.append(int(largest * factor))
+            insort(self._sorted, int(largest * factor))
 
     def __len__(self) -> int:
         return len(self._fifo)
@@ -105,9 +116,13 @@ class Forecaster:
         window holds outliers above the quantile, and a baseline too high even for typical
         slots keeps them skipped."""
         if len(self._overall):
-            self._overall.replace_max(self._overall.quantile(0.5))
-            for window in self._stages.values():
+            for window in (self._overall, *self._stages.values()):
+                before = window.quantile(self.quantile)
                 window.replace_max(window.quantile(0.5))
+                if window.quantile(self.quantile) >= before:
+                    # All alike (one refused slot, say): the median is the largest, and
+                    # putting it in its place would change nothing, forever. Shrink it.
+                    window.shrink_max(SKIP_SHRINK)
             self._cached = None
 
     def _with_margin(self, window: SortedWindow) -> tuple[int, int]:

@@ -171,17 +171,18 @@ class LimitGuard:
         v = self._model.request(s, requested_bytes)
         if v.ok and (not v.cleanup or self._recover(v, context) is not None):
             return requested_bytes, 0
-        fitted, fv = self._model.fit(s, requested_bytes)
+        fitted, fv = self._model.fit(s, requested_bytes, v.cache)
         if fitted <= 0 or fitted < min_fraction * requested_bytes \
                 or (fv.cleanup and self._recover(fv, context) is None):
             self._refuse(s, requested_bytes, v, context)  # raises
-        logger.info("allocation%s shrunk to fit: %.3fGB of the %.3fGB asked for (%.1f%%) %s",
-                    _ctx(context), fitted / GB, requested_bytes / GB,
-                    100 * fitted / requested_bytes, _why(v, self.hard_limit_bytes),
-                    extra={"vram_event": "allocation_fitted", "context": context,
-                           "requested_gb": to_gb(requested_bytes),
-                           "fitted_gb": to_gb(fitted), "placeable": v.placeable,
-                           "device": self._device})
+        if logger.isEnabledFor(logging.INFO):  # the record is built only for a reader
+            logger.info("allocation%s shrunk to fit: %.3fGB of the %.3fGB asked for (%.1f%%) "
+                        "%s", _ctx(context), fitted / GB, requested_bytes / GB,
+                        100 * fitted / requested_bytes, _why(v, self.hard_limit_bytes),
+                        extra={"vram_event": "allocation_fitted", "context": context,
+                               "requested_gb": to_gb(requested_bytes),
+                               "fitted_gb": to_gb(fitted), "placeable": v.placeable,
+                               "device": self._device})
         return fitted, s.allocated_bytes + requested_bytes
 
     def _recover(self, v: Verdict, context: str) -> int | None:
@@ -255,10 +256,12 @@ class LimitGuard:
             )
         else:
             msg = f"Allocation refused{_ctx(context)}: {_unplaceable(requested, v)}"
-        logger.error(msg, extra={"vram_event": "allocation_refused", "context": context,
-                                 "current_usage_gb": to_gb(usage), "requested_gb": to_gb(requested),
-                                 "hard_limit_gb": to_gb(self.hard_limit_bytes),
-                                 "placeable": v.placeable, "device": self._device})
+        if logger.isEnabledFor(logging.ERROR):
+            logger.error(msg, extra={
+                "vram_event": "allocation_refused", "context": context,
+                "current_usage_gb": to_gb(usage), "requested_gb": to_gb(requested),
+                "hard_limit_gb": to_gb(self.hard_limit_bytes), "placeable": v.placeable,
+                "device": self._device})
         if self._cleanup is not None:
             # The card's "emergency cleanup is triggered", on the hard-limit clock: it returns
             # the cache to the device, and runs only when there is some to return.

@@ -155,11 +155,14 @@ class AllocatorModel:
         limit_in_the_way = reserved + (0 if reuse else c.new_bytes) > hard
         return Verdict(True, after, True, limit_in_the_way, c)
 
-    def fit(self, s: AllocatorSample, nbytes: int) -> tuple[int, Verdict]:
+    def fit(self, s: AllocatorSample, nbytes: int,
+            c: CacheState | None = None) -> tuple[int, Verdict]:
         """The largest request no larger than ``nbytes`` that can be placed under the hard
-        limit, and its verdict (checked, not assumed); 0 when nothing can."""
+        limit, and its verdict (checked, not assumed); 0 when nothing can. ``c``: the cache's
+        answer about ``nbytes`` when the caller already has it."""
         st = self._backend.allocator_settings
-        c = self._backend.cache_state(nbytes)
+        if c is None:
+            c = self._backend.cache_state(nbytes)
         hard = self.hard_limit_bytes
         candidates = []
         block = self._settled_block(st, c)

@@ -244,3 +244,22 @@ def test_the_control_plane_runs_its_lifespan(monitor):
     asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
                     receive, send))
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# ------------------------------------------ found by the fragmentation benchmark (seed 14)
+
+
+def test_skipping_cannot_lock_the_director_out_when_the_history_is_alike(card):
+    card.allocate(int(10.8 * GB))
+    monitor = VRAMMonitor(backend=card, python_warnings=False)
+    with pytest.raises(MemoryPressureError), monitor.generation(1), monitor.stage("flux"):
+        monitor.check_allocation(int(1.5 * GB))  # one refused slot: the only history
+    for slot in range(2, 40):
+        a = monitor.admit(slot)
+        if a.decision == "refuse" and a.activation_scale < 0.5:
+            monitor.skip_slot(slot)
+            continue
+        break  # the Director runs a slot again (full or scaled)
+    else:
+        pytest.fail("38 slots skipped in a row: the forecast never moved")
+    assert slot < 20
