@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
@@ -45,6 +46,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.monitor = monitor
+    # Set when the control plane stops: a request waiting on the generation thread (a cleanup)
+    # answers at once instead of holding the shutdown up.
+    app.state.stopping = threading.Event()
     app.state.token = bearer_token(token)
     # The app's own registry: two control planes in one process do not collide.
     registry = CollectorRegistry(auto_describe=True)

@@ -61,6 +61,9 @@ class ControlPlane:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
+        stopping = getattr(getattr(self._server.config.app, "state", None), "stopping", None)
+        if stopping is not None:
+            stopping.set()  # requests waiting on the generation thread answer now
         self._server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():

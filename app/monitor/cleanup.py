@@ -177,7 +177,8 @@ class CleanupRunner:
 
     # -- requests from other threads -------------------------------------------------------
 
-    def request(self, reason: str, wait_s: float) -> CleanupResult | None:
+    def request(self, reason: str, wait_s: float,
+                stop: threading.Event | None = None) -> CleanupResult | None:
         """A cleanup that obeys its clock, run where the allocator is in use.
 
         Runs at once when no generation is running or when called from the generation thread;
@@ -215,11 +216,23 @@ class CleanupRunner:
                     with self._lock:
                         self._idle_cleanups -= 1
                         self._idle_done.notify_all()
-        if not pending.done.wait(wait_s):
+        if not self._wait(pending, wait_s, stop):
             return None
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    @staticmethod
+    def _wait(pending: PendingCleanup, wait_s: float, stop: threading.Event | None) -> bool:
+        """Wait for the generation thread to carry ``pending`` out; give up early when
+        ``stop`` is set (the control plane is shutting down)."""
+        if stop is None:
+            return pending.done.wait(wait_s)
+        deadline = time.monotonic() + wait_s
+        while not pending.done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if stop.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
 
     def enter_generation(self) -> None:
         """A slot starts on this thread; a cleanup that began between slots finishes first."""

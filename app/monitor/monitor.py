@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -437,8 +438,8 @@ class VRAMMonitor:
         allocated). Raises the backend's error if it fails."""
         return self._cleanups.run("manual", cooldown=False).freed_bytes
 
-    def request_cleanup(self, reason: str = "http",
-                        wait_s: float | None = None) -> CleanupResult | None:
+    def request_cleanup(self, reason: str = "http", wait_s: float | None = None,
+                        stop: threading.Event | None = None) -> CleanupResult | None:
         """A cleanup for callers outside the generation loop (the control plane).
 
         Obeys its clock (``CleanupCooldownError`` within ``cleanup_cooldown_s`` of the last
@@ -448,7 +449,7 @@ class VRAMMonitor:
         generation running, or from the generation thread, it runs at once.
         """
         wait = self.cleanup_wait_s if wait_s is None else wait_s
-        return self._cleanups.request(reason, wait)
+        return self._cleanups.request(reason, wait, stop)
 
     def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupResult | None:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the

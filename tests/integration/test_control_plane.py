@@ -309,3 +309,32 @@ def test_failing_cleanup_is_a_503_and_changes_nothing(plane, node):
     assert r.status_code == 503
     assert r.json()["detail"].startswith("VRAM backend unavailable")
     assert monitor.emergency_cleanups == 0
+
+
+def test_stopping_while_a_cleanup_waits_answers_202_and_stops_in_time(caplog):
+    """Issue 17 (10): stop() while a cleanup request waits for the generation thread used to
+    answer 500 and log a CancelledError traceback."""
+    import threading
+    import time
+
+    from app import SimulatedBackend, VRAMMonitor, start_control_plane
+
+    card = SimulatedBackend(12 * 10**9)
+    monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=0, cleanup_wait_s=30)
+    answers = []
+    with monitor.generation(1):  # the generation thread never reaches a boundary
+        plane = start_control_plane(monitor, host="127.0.0.1", port=0, token=TOKEN)
+        asking = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{plane.url}/vram/cleanup", headers=AUTH, timeout=30)))
+        asking.start()
+        for _ in range(500):  # until the request is registered (at most 5 s)
+            if monitor._cleanups.pending is not None:
+                break
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        plane.stop(timeout=5)
+        stopped_in = time.monotonic() - t0
+        asking.join(10)
+    assert answers and answers[0].status_code == 202
+    assert stopped_in < 5
+    assert "CancelledError" not in caplog.text and "Traceback" not in caplog.text

@@ -70,11 +70,13 @@ async def models(request: Request) -> Response:
         **_UNAVAILABLE,
     },
 )
-async def cleanup(monitor: MonitorDep) -> Response:
+async def cleanup(monitor: MonitorDep, request: Request) -> Response:
     try:
         # Off the event loop: the cleanup runs here (milliseconds of gc and empty_cache), or
-        # this waits up to cleanup_wait_s for the generation thread to carry it out.
-        result = await run_in_threadpool(monitor.request_cleanup, "http")
+        # this waits up to cleanup_wait_s for the generation thread to carry it out, or until
+        # the control plane stops (then 202: it stays scheduled).
+        result = await run_in_threadpool(monitor.request_cleanup, "http", None,
+                                         request.app.state.stopping)
     except CleanupCooldownError as exc:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS, str(exc),
