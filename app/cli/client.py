@@ -36,7 +36,7 @@ def read_token(token_file: str | None, env: Mapping[str, str] | None = None) -> 
     env = os.environ if env is None else env
     path = token_file or env.get("VORTEX_TOKEN_FILE") or None
     if path is None:
-        return env.get("VORTEX_TOKEN") or None
+        return _checked_token(env.get("VORTEX_TOKEN") or None, "VORTEX_TOKEN")
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
@@ -44,6 +44,15 @@ def read_token(token_file: str | None, env: Mapping[str, str] | None = None) -> 
         raise CliError(ExitCode.USAGE, f"token file {path}: cannot read it: {exc}") from None
     if not token:
         raise CliError(ExitCode.USAGE, f"token file {path} is empty")
+    return _checked_token(token, f"token file {path}")
+
+
+def _checked_token(token: str | None, source: str) -> str | None:
+    """A token an Authorization header can carry: printable ASCII without spaces, as the
+    control plane requires of its own."""
+    if token is not None and not all("!" <= c <= "~" for c in token):
+        raise CliError(ExitCode.USAGE, f"{source}: the token must be printable ASCII without "
+                       "spaces or line breaks")
     return token
 
 
@@ -84,8 +93,12 @@ class ControlPlaneClient:
     """One connection to a Director's control plane, reopened when the server closed it."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 5.0) -> None:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            hostname = parts.hostname
+        except ValueError as exc:  # "http://[::1": an unclosed IPv6 bracket
+            raise CliError(ExitCode.USAGE, f"bad URL {url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise CliError(ExitCode.USAGE, f"bad URL {url!r}: expected http://HOST:PORT")
         try:
             port = parts.port

@@ -14,7 +14,7 @@ from app.cli import pinning
 from app.cli.client import Answer, ControlPlaneClient, default_url, read_token
 from app.cli.errors import EPILOG, CliError, ExitCode, raise_for_answer
 from app.cli.render import fragmentation_line, models_table, status_view
-from app.cli.units import gb, size
+from app.cli.units import duration, gb, size
 
 PROG = "vortex-vram"
 
@@ -86,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = getattr(args, "url", None) or default_url()
-    # A real card's snapshot, with memory history, takes seconds to build and to send.
-    timeout = getattr(args, "timeout", 30.0 if args.command in ("dump", "frag") else 5.0)
+    timeout = getattr(args, "timeout", None) or _default_timeout(args.command)
     console = Console(highlight=False)
     try:
         token = read_token(getattr(args, "token_file", None)) if args.command in _TOKEN \
@@ -97,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.code
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        # A field of the wrong type in an answer (a string where bytes go, a list where an
+        # object goes): the renderers trust the control plane's schema, and this is not it.
+        print(f"{PROG}: error: the answer is not what the control plane sends "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -120,7 +125,9 @@ def models(client: ControlPlaneClient, args: argparse.Namespace, console: Consol
     if args.json:
         return _raw(answer.body)
     body = answer.json_object()
-    console.print(f"{body.get('device', '?')}: {len(body.get('models', []))} models, "
+    listed = body.get("models")
+    console.print(f"{body.get('device', '?')}: "
+                  f"{len(listed) if isinstance(listed, list | dict) else '?'} models, "
                   f"{gb(body.get('total_bytes'))} GB resident")
     console.print(models_table(body))
     return ExitCode.OK
@@ -140,7 +147,7 @@ def cleanup(client: ControlPlaneClient, args: argparse.Namespace, console: Conso
     console.print(f"cleanup freed {gb(body.get('freed_bytes'))} GB: reserved "
                   f"{gb(body.get('reserved_before_bytes'))} → "
                   f"{gb(body.get('reserved_after_bytes'))} GB, allocated "
-                  f"{gb(body.get('allocated_bytes'))} GB, in {body.get('duration_s', 0):.3f}s")
+                  f"{gb(body.get('allocated_bytes'))} GB, in {duration(body.get('duration_s'))}")
     return ExitCode.OK
 
 
@@ -207,6 +214,21 @@ def _raw(body: bytes) -> int:
     sys.stdout.buffer.write(body.rstrip(b"\n") + b"\n")
     sys.stdout.flush()
     return ExitCode.OK
+
+
+def _default_timeout(command: str) -> float:
+    """A real card's snapshot, with memory history, takes seconds to build and to send; a
+    cleanup waits up to VORTEX_CLEANUP_WAIT_S (10 s) for the generation thread before the
+    server answers 202 (scheduled), so the client waits longer than that."""
+    if command in ("dump", "frag"):
+        return 30.0
+    if command == "cleanup":
+        try:
+            wait = float(os.environ.get("VORTEX_CLEANUP_WAIT_S", "10"))
+        except ValueError:
+            wait = 10.0
+        return (wait if 0 <= wait < 3600 else 10.0) + 5.0
+    return 5.0
 
 
 def _positive(text: str) -> float:

@@ -61,6 +61,7 @@ class Tracker:
         self.trouble: str | None = None  # why the last refresh failed, while it does
         self._histogram: histograms.Histogram | None = None
         self._after_bytes: int | None = None  # post-generation level at the last read
+        self._read_at_count: object = None  # generation_count when the histograms were read
 
     def add_snapshot(self, snap: Mapping[str, Any]) -> None:
         prev, self.snapshot = self.snapshot, snap
@@ -84,13 +85,15 @@ class Tracker:
         snap = self.snapshot
         if snap is None:
             return False
-        h = self._histogram
-        return h is None or snap.get("generation_count") != int(h.count)
+        # Against the count at the last read, not the histogram's own: a generation the
+        # monitor could not measure is counted but never observed, and the two never agree.
+        return self._histogram is None or snap.get("generation_count") != self._read_at_count
 
     def add_histogram(self, found: histograms.Histogram) -> None:
         """The peak histogram, read after this refresh's snapshot."""
         snap = self.snapshot or {}
         before, self._histogram = self._histogram, found
+        self._read_at_count = snap.get("generation_count")
         after = snap.get("post_generation_allocated_bytes")
         after = after if isinstance(after, int) else None
         previous_after, self._after_bytes = self._after_bytes, after

@@ -8,12 +8,25 @@ GB = 1_000_000_000
 MB = 1_000_000
 
 
-def gb(nbytes: float | None) -> str:
-    return "—" if nbytes is None else f"{nbytes / GB:.3f}"
+def _number(x: object) -> float | None:
+    """A figure from an answer, or None for what is not one (null, a string, NaN)."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or x != x or x in (
+            float("inf"), float("-inf")):
+        return None
+    return x
 
 
-def size(nbytes: int) -> str:
+def gb(nbytes: object) -> str:
+    n = _number(nbytes)
+    return "—" if n is None else f"{n / GB:.3f}"
+
+
+def size(nbytes: object) -> str:
     """A block or segment size, decimal, in the unit that keeps its digits: 512 B, 2.097 MB."""
+    n = _number(nbytes)
+    if n is None:
+        return "—"
+    nbytes = n
     if nbytes < 1000:
         return f"{nbytes} B"
     if nbytes < MB:
@@ -23,8 +36,9 @@ def size(nbytes: int) -> str:
     return f"{nbytes / GB:.3f} GB"
 
 
-def signed_gb(nbytes: float | None) -> str:
-    return "—" if nbytes is None else f"{nbytes / GB:+.3f}"
+def signed_gb(nbytes: object) -> str:
+    n = _number(nbytes)
+    return "—" if n is None else f"{n / GB:+.3f}"
 
 
 def limit_gb(value: float | None) -> str:
@@ -48,9 +62,11 @@ def clock(stamp: object) -> str:
     return "—" if t is None else t.strftime("%H:%M:%SZ")
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
+def duration(seconds: object) -> str:
+    n = _number(seconds)
+    if n is None:
         return "—"
+    seconds = n
     if seconds < 60:
         return f"{seconds:.1f}s"
     if seconds < 3600:

@@ -263,3 +263,78 @@ def test_skipping_cannot_lock_the_director_out_when_the_history_is_alike(card):
     else:
         pytest.fail("38 slots skipped in a row: the forecast never moved")
     assert slot < 20
+
+
+# ------------------------------------------------------------------ 11-14. the CLI
+
+
+def _cli():
+    import importlib
+
+    return importlib.import_module("app.cli.main")
+
+
+def test_cleanup_waits_longer_than_the_server_does(monkeypatch):
+    cli = _cli()
+    monkeypatch.delenv("VORTEX_CLEANUP_WAIT_S", raising=False)
+    assert cli._default_timeout("cleanup") > 10  # the server's default wait before its 202
+    monkeypatch.setenv("VORTEX_CLEANUP_WAIT_S", "40")
+    assert cli._default_timeout("cleanup") > 40
+
+
+@pytest.mark.parametrize("command, path, body", [
+    ("cleanup", "/vram/cleanup", {"freed_bytes": 0, "duration_s": None}),
+    ("status", "/vram/snapshot", {"usage_bytes": float("nan")}),
+    ("status", "/vram/snapshot", {"usage_bytes": "12"}),
+    ("models", "/vram/models", {"models": ["flux"]}),
+    ("models", "/vram/models", {"total_bytes": "0"}),
+])
+def test_odd_answers_give_a_dash_or_one_line(monkeypatch, capsys, command, path, body):
+    from tests.unit.test_cli_fuzz import CLEANUP, MODELS, SNAPSHOT, FakeClient
+
+    cli = _cli()
+    bodies = {"/vram/snapshot": SNAPSHOT, "/vram/models": MODELS, "/vram/cleanup": CLEANUP}
+    bodies[path] = {**bodies[path], **body}
+    monkeypatch.setattr(cli, "ControlPlaneClient", lambda *a, **k: FakeClient(bodies))
+    monkeypatch.setenv("VORTEX_TOKEN", "t0ken")
+    code = cli.main([command])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == 0 or (code == 1 and len(err.strip().splitlines()) == 1)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[::1]:port", "ftp://x"])
+def test_a_malformed_url_is_one_line_and_exit_2(capsys, url):
+    assert _cli().main(["status", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "bad URL" in err
+
+
+@pytest.mark.parametrize("text", ["two\nlines", "ünïcode", "with space"])
+def test_a_token_no_header_can_carry_is_one_line_and_exit_2(tmp_path, capsys, text):
+    path = tmp_path / "token"
+    path.write_text(text, encoding="utf-8")
+    assert _cli().main(["cleanup", "--token-file", str(path), "--url",
+                        "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "printable ASCII" in err
+
+
+def test_top_fetches_the_histograms_only_when_a_slot_ended():
+    from app.cli import histograms
+    from app.cli.tracker import Tracker
+
+    t = Tracker()
+    t.add_snapshot({"generation_count": 5, "timestamp": "2026-12-01T12:00:00.000Z"})
+    assert t.needs_histograms()
+    four = histograms.parse(
+        "# TYPE icn_vortex_vram_generation_peak_bytes histogram\n"
+        "icn_vortex_vram_generation_peak_bytes_bucket{le=\"+Inf\"} 4\n"
+        "icn_vortex_vram_generation_peak_bytes_count 4\n"
+        "icn_vortex_vram_generation_peak_bytes_sum 4e9\n")
+    assert four is not None and four.count == 4
+    t.add_histogram(four)  # 5 generations, 4 measured: one could not be read
+    t.add_snapshot({"generation_count": 5, "timestamp": "2026-12-01T12:00:01.000Z"})
+    assert not t.needs_histograms()  # nothing new ended: no /metrics this refresh
+    t.add_snapshot({"generation_count": 6, "timestamp": "2026-12-01T12:00:02.000Z"})
+    assert t.needs_histograms()
