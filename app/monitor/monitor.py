@@ -8,7 +8,8 @@
   from it; ``Scopes`` (scopes.py) runs ``generation()``/``stage()``, with oom.py for an OOM;
 * ``CleanupRunner`` (cleanup.py): cleanups, their clocks, and requests from other threads;
 * ``SnapshotBuilder`` (snapshots.py): snapshots and their logging;
-* ``BackendFaults`` (faults.py): failed reads, counted and logged at a bounded rate.
+* ``BackendFaults`` (faults.py): failed reads, counted and logged at a bounded rate;
+* ``MonitorViews`` (views.py): the read-only figures, this class's base.
 
 Each part takes its lock briefly to copy or update its state and does the slow work
 (formatting, logging, ``warnings.warn``, gc, ``empty_cache``) after releasing it. The façade
@@ -42,21 +43,15 @@ from app.monitor.records import (
     MB,
     Admission,
     CleanupResult,
-    Forecast,
     GenerationRecord,
-    Histograms,
     LeakFinding,
-    LeakTrend,
-    Liveness,
-    ModelRecord,
-    MonitorCounters,
     PreflightResult,
     VRAMSnapshot,
-    to_gb,
 )
 from app.monitor.registry import ModelRegistry
 from app.monitor.scopes import Scopes
 from app.monitor.snapshots import SnapshotBuilder
+from app.monitor.views import MonitorViews
 from app.options import check_options, number
 
 if TYPE_CHECKING:
@@ -65,7 +60,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class VRAMMonitor:
+class VRAMMonitor(MonitorViews):
     """Watches one device against a soft and a hard limit.
 
     ``limit_basis`` picks the figure the limits apply to: ``"allocated"`` (the task card's
@@ -157,70 +152,6 @@ class VRAMMonitor:
         if backend is None:
             backend = default_backend(settings)
         return cls(backend=backend, **settings.monitor_kwargs())
-
-    # ------------------------------------------------------------------ read-only figures
-
-    @property
-    def backend(self) -> MemoryBackend:
-        return self._backend
-
-    @property
-    def device(self) -> str:
-        return self._backend.device
-
-    @property
-    def soft_limit_violations(self) -> int:
-        return self._limits.soft_violations
-
-    @property
-    def hard_limit_violations(self) -> int:
-        return self._limits.hard_violations
-
-    @property
-    def emergency_cleanups(self) -> int:
-        return self._cleanups.count
-
-    @property
-    def generation_count(self) -> int:
-        return self._tracker.generations
-
-    @property
-    def preflight_passed(self) -> bool:
-        return self._preflight is not None
-
-    def usage_bytes(self) -> int:
-        """The figure the limits apply to, read now."""
-        return self._backend.sample()[0 if self.limit_basis == "allocated" else 1]
-
-    def counters(self) -> MonitorCounters:
-        generations, failed, ooms, leaks = self._tracker.counts()
-        cleanups, freed, cleanup_failures = self._cleanups.totals()
-        return MonitorCounters(
-            self._limits.soft_violations, self._limits.hard_violations, cleanups, freed,
-            generations, failed, ooms, leaks, self._faults.count, cleanup_failures)
-
-    def cleanups_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(cleanups run, cleanups failed), each by reason."""
-        return self._cleanups.by_reason()
-
-    def histograms(self) -> Histograms:
-        """Peak, activation peak and delta bytes of the generations so far."""
-        return Histograms(*self._tracker.histograms())
-
-    def recent_generations(self) -> list[GenerationRecord]:
-        return self._tracker.recent()
-
-    def last_cleanup(self) -> CleanupResult | None:
-        return self._cleanups.last()
-
-    def cleanup_retry_after(self, reason: str = "http") -> float:
-        """Seconds until a cleanup for ``reason`` may run again; 0 when it may run now."""
-        return self._cleanups.retry_after(reason)
-
-    def liveness(self) -> Liveness:
-        """The running slot and for how long; ``stalled`` once it passed ``stall_after_s``.
-        A Director idle between slots is not stalled."""
-        return self._tracker.liveness(self.stall_after_s)
 
     # ------------------------------------------------------------------ guards (hot path)
 
@@ -315,13 +246,6 @@ class VRAMMonitor:
         if record is not None:
             self._tracker.rebase_leak(-record.vram_bytes)
 
-    def models(self) -> list[ModelRecord]:
-        return self._registry.models()
-
-    def get_vram_breakdown(self) -> dict[str, float]:
-        """Per-model resident memory in GB."""
-        return {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
-
     def models_over_budget(self) -> list[str]:
         return [m.name for m in self._registry.models() if m.over_budget]
 
@@ -384,14 +308,6 @@ class VRAMMonitor:
                        f": {reason}" if reason else "",
                        extra={"vram_event": "slot_skipped", "slot": slot, "device": self.device})
 
-    def forecast(self) -> Forecast:
-        """The current forecast of the next slot's activations (nominal, margin included)."""
-        return self._tracker.forecast()
-
-    def slot_counts(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(slot outcomes: full, degraded, skipped, aborted; admission decisions)."""
-        return self._tracker.slot_counts()
-
     # ------------------------------------------------------------------ the card's leak API
 
     def increment_generation_count(self) -> None:
@@ -423,9 +339,6 @@ class VRAMMonitor:
                                       self.generation_count, t.bytes_per_generation,
                                       t.generations_to_hard_limit), count=False)
         return True
-
-    def leak_trend(self) -> LeakTrend:
-        return self._tracker.leak_trend()
 
     def _report_leak(self, f: LeakFinding, *, count: bool = True) -> None:
         report_leak(f, device=self.device, python_warnings=self.python_warnings, count=count)
@@ -460,10 +373,6 @@ class VRAMMonitor:
         return self._cleanups.automatic(reason, recovery=recovery)
 
     # ------------------------------------------------------------------ snapshots
-
-    def snapshot(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
-        """A fresh, immutable view of the device and the monitor, not logged."""
-        return self._snapshots.build(event, slot)
 
     def log_snapshot(self, event: str, slot: int | None = None) -> VRAMSnapshot:
         """Take a snapshot and log it as one JSON record (INFO, ``app.monitor.snapshots``)."""

@@ -1,0 +1,131 @@
+"""What the monitor shows: its read-only figures, apart from what it does.
+
+``MonitorViews`` is ``VRAMMonitor``'s base: each read forwards to the part that owns the
+figure (the limit guard, the tracker, the cleanup runner, the registry, the snapshot builder),
+which copies it under its own lock. It holds no state; the façade sets the parts up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from app.monitor.records import (
+    CleanupResult,
+    Forecast,
+    GenerationRecord,
+    Histograms,
+    LeakTrend,
+    Liveness,
+    ModelRecord,
+    MonitorCounters,
+    VRAMSnapshot,
+    to_gb,
+)
+
+if TYPE_CHECKING:
+    from app.backends import MemoryBackend
+    from app.monitor.cleanup import CleanupRunner
+    from app.monitor.faults import BackendFaults
+    from app.monitor.generations import GenerationTracker
+    from app.monitor.limits import LimitGuard
+    from app.monitor.records import PreflightResult
+    from app.monitor.registry import ModelRegistry
+    from app.monitor.snapshots import SnapshotBuilder
+
+
+class MonitorViews:
+    # Set by VRAMMonitor.__init__.
+    _backend: MemoryBackend
+    _limits: LimitGuard
+    _tracker: GenerationTracker
+    _cleanups: CleanupRunner
+    _registry: ModelRegistry
+    _snapshots: SnapshotBuilder
+    _faults: BackendFaults
+    _preflight: PreflightResult | None
+    limit_basis: str
+    stall_after_s: float
+
+    @property
+    def backend(self) -> MemoryBackend:
+        return self._backend
+
+    @property
+    def device(self) -> str:
+        return self._backend.device
+
+    @property
+    def soft_limit_violations(self) -> int:
+        return self._limits.soft_violations
+
+    @property
+    def hard_limit_violations(self) -> int:
+        return self._limits.hard_violations
+
+    @property
+    def emergency_cleanups(self) -> int:
+        return self._cleanups.count
+
+    @property
+    def generation_count(self) -> int:
+        return self._tracker.generations
+
+    @property
+    def preflight_passed(self) -> bool:
+        return self._preflight is not None
+
+    def usage_bytes(self) -> int:
+        """The figure the limits apply to, read now."""
+        return self._backend.sample()[0 if self.limit_basis == "allocated" else 1]
+
+    def counters(self) -> MonitorCounters:
+        generations, failed, ooms, leaks = self._tracker.counts()
+        cleanups, freed, cleanup_failures = self._cleanups.totals()
+        return MonitorCounters(
+            self._limits.soft_violations, self._limits.hard_violations, cleanups, freed,
+            generations, failed, ooms, leaks, self._faults.count, cleanup_failures)
+
+    def cleanups_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(cleanups run, cleanups failed), each by reason."""
+        return self._cleanups.by_reason()
+
+    def histograms(self) -> Histograms:
+        """Peak, activation peak and delta bytes of the generations so far."""
+        return Histograms(*self._tracker.histograms())
+
+    def recent_generations(self) -> list[GenerationRecord]:
+        return self._tracker.recent()
+
+    def last_cleanup(self) -> CleanupResult | None:
+        return self._cleanups.last()
+
+    def cleanup_retry_after(self, reason: str = "http") -> float:
+        """Seconds until a cleanup for ``reason`` may run again; 0 when it may run now."""
+        return self._cleanups.retry_after(reason)
+
+    def liveness(self) -> Liveness:
+        """The running slot and for how long; ``stalled`` once it passed ``stall_after_s``.
+        A Director idle between slots is not stalled."""
+        return self._tracker.liveness(self.stall_after_s)
+
+    def forecast(self) -> Forecast:
+        """The current forecast of the next slot's activations (nominal, margin included)."""
+        return self._tracker.forecast()
+
+    def slot_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(slot outcomes: full, degraded, skipped, aborted; admission decisions)."""
+        return self._tracker.slot_counts()
+
+    def leak_trend(self) -> LeakTrend:
+        return self._tracker.leak_trend()
+
+    def models(self) -> list[ModelRecord]:
+        return self._registry.models()
+
+    def get_vram_breakdown(self) -> dict[str, float]:
+        """Per-model resident memory in GB."""
+        return {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
+
+    def snapshot(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
+        """A fresh, immutable view of the device and the monitor, not logged."""
+        return self._snapshots.build(event, slot)
