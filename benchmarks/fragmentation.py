@@ -411,6 +411,7 @@ def summarise(name: str, expandable: bool, d: Director, card: SimulatedBackend, 
 
 COLUMNS = (("full", "full"), ("degraded", "degr"), ("skipped", "skip"),
            ("aborted_refused", "caught"), ("aborted_oom", "oom"), ("lost", "lost"),
+           ("missed", "missed"),
            ("ooms_escaped", "escaped"), ("cleanups", "clean"), ("useless_cleanups", "useless"),
            ("guard_p50_us", "p50 µs"), ("guard_p99_us", "p99 µs"))
 
@@ -434,6 +435,8 @@ def goal(runs: list[dict[str, Any]]) -> dict[str, Any]:
         checks[f"expandable_{'on' if mode else 'off'}"] = {
             "ooms_escaped": new["ooms_escaped"], "useless_cleanups": new["useless_cleanups"],
             "lost": new["lost"], "landed_lost": landed["lost"],
+            # Lost counts aborted slots; a skipped slot is not produced either.
+            "missed": new["missed"], "landed_missed": landed["missed"],
             "no_escaped_oom": new["ooms_escaped"] == 0,
             "no_useless_cleanup": new["useless_cleanups"] == 0,
             "fewer_lost_than_landed": new["lost"] < landed["lost"]}
@@ -450,7 +453,8 @@ def print_goal(verdict: dict[str, Any]) -> None:
         print(f"  {mode:<15} escaped {c['ooms_escaped']} {mark(c['no_escaped_oom'])}, "
               f"useless {c['useless_cleanups']} {mark(c['no_useless_cleanup'])}, "
               f"lost {c['lost']} vs landed {c['landed_lost']} "
-              f"{mark(c['fewer_lost_than_landed'])}")
+              f"{mark(c['fewer_lost_than_landed'])} (missed, skips included: {c['missed']} "
+              f"vs {c['landed_missed']})")
 
 
 def plot(runs: list[dict[str, Any]], title: str, path: Path) -> None:

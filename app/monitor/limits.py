@@ -143,7 +143,7 @@ class LimitGuard:
         projected = self._quick(s, requested_bytes)
         if projected >= 0:
             return projected
-        v = self._model.request(s, requested_bytes)
+        v = self._model.request(s, requested_bytes, quick_failed=True)
         if v.ok and not v.cleanup:
             return v.projected_bytes
         if v.ok:  # fits once the cache is released (reserved basis): a recovery
@@ -168,7 +168,7 @@ class LimitGuard:
             return requested_bytes, 0  # fail open, as check_allocation
         if self._quick(s, requested_bytes) >= 0:
             return requested_bytes, 0
-        v = self._model.request(s, requested_bytes)
+        v = self._model.request(s, requested_bytes, quick_failed=True)
         if v.ok and (not v.cleanup or self._recover(v, context) is not None):
             return requested_bytes, 0
         fitted, fv = self._model.fit(s, requested_bytes, v.cache)

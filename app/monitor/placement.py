@@ -110,24 +110,23 @@ class AllocatorModel:
 
     # -- one request ------------------------------------------------------------------------
 
-    def request(self, s: AllocatorSample, nbytes: int) -> Verdict:
-        """What ``nbytes`` more would do from the state ``s``."""
+    def request(self, s: AllocatorSample, nbytes: int, *, quick_failed: bool = False) -> Verdict:
+        """What ``nbytes`` more would do from the state ``s``. ``quick_failed``: the caller
+        already knows that ``quick`` could not tell, so the counters' test is not repeated."""
         hard = self.hard_limit_bytes
         st = self._backend.allocator_settings
         if nbytes == 0:
             usage = s.reserved_bytes if self._reserved_basis else s.allocated_bytes
             return Verdict(usage <= hard, usage, True, False, None)
         size = st.round_size(nbytes)
-        new = _new_bytes(st, size)
-        grown = s.reserved_bytes + new
-        if grown <= self._backend.reservable_bytes():  # the counters decide: room for it
-            projected = grown if self._reserved_basis else s.allocated_bytes + size
-            if projected <= hard:
-                return Verdict(True, projected, True, False, None)
-            if not self._reserved_basis:
-                return Verdict(False, projected, True, False, None)
-        elif not self._reserved_basis and s.allocated_bytes + size > hard:
-            return Verdict(False, s.allocated_bytes + size, True, False, None)
+        if not self._reserved_basis and s.allocated_bytes + size > hard:
+            return Verdict(False, s.allocated_bytes + size, True, False, None)  # the limit
+        if not quick_failed:
+            grown = s.reserved_bytes + _new_bytes(st, size)
+            if grown <= self._backend.reservable_bytes():  # the counters decide: room for it
+                projected = grown if self._reserved_basis else s.allocated_bytes + size
+                if projected <= hard:
+                    return Verdict(True, projected, True, False, None)
         return self.judge(s, self._backend.cache_state(nbytes))
 
     def judge(self, s: AllocatorSample, c: CacheState) -> Verdict:
