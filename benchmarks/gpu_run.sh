@@ -78,6 +78,10 @@ step pytest-gpu 150 "$PY" -m pytest --gpu -q -p no:cacheprovider \
 # ~30 s: 100,000 calls per guard, and torch.cuda.memory_allocated() (~100 µs) beside them.
 step guard-latency 90 "$PY" benchmarks/guard_latency.py "${sim[@]}" \
   --json "$work/guard_latency.json"
+# ~20 s: what each source of the allocator model costs (stats, mem_get_info, the snapshot)
+# in a fragmented state: the CUDA figures README's "where the cache is read" still lacks.
+step cache-sources 90 "$PY" benchmarks/cache_sources.py "${sim[@]}" \
+  --json "$OUT/cache_sources.json"
 
 # Trace replay, ~30 s: 1,000 slots (~8,800 steps) recorded on the simulated card in ~2 s,
 # replayed at ~10 µs a step on each card.

@@ -32,6 +32,15 @@ def test_guard_latency(tmp_path):
     assert 0 < state["fitted_bytes"] <= state["room_bytes"] < state["request_bytes"]
 
 
+def test_cache_sources(tmp_path):
+    done = _bench(tmp_path, "cache_sources.py", "--calls", "200", "--json", "out.json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert all(r["median_us"] > 0 for r in out["results"].values())
+    assert out["state"]["releasable_bytes"] == 0  # the fragmented state it claims
+    assert out["state"]["largest_free_block_bytes"] == 16 << 20
+
+
 def test_stress_test_plots_and_lets_no_oom_escape(tmp_path):
     done = _bench(tmp_path, "vram_stress_test.py", "--iterations", "200", "--unguarded-every",
                   "10", "--no-admission", "--plot", "stress.png", "--json", "out.json")
