@@ -7,30 +7,45 @@ one global read and one method call on top of the monitor's own check.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from app.config import load_settings
 from app.monitor import VRAMMonitor
 
+logger = logging.getLogger(__name__)
+
 _monitor: VRAMMonitor | None = None
+_lazy = False  # _monitor was built by a guard call, not installed
 _install_lock = threading.Lock()
 
 
 def install_monitor(monitor: VRAMMonitor | None) -> None:
-    """Make ``monitor`` the process-wide one (``None`` forgets it)."""
-    global _monitor
+    """Make ``monitor`` the process-wide one (``None`` forgets it). Replacing the monitor that
+    an earlier guard call built on its own is said in a WARNING: the figures and counts of
+    that one (its own card, maybe a simulated one) are dropped."""
+    global _monitor, _lazy
     with _install_lock:
-        _monitor = monitor
+        if _lazy and monitor is not None and monitor is not _monitor:
+            logger.warning("install_monitor() replaces the monitor that a guard call built "
+                           "before it (on %s); install the Director's monitor before the "
+                           "first guard call", _monitor.device if _monitor else "?")
+        _monitor, _lazy = monitor, False
 
 
 def get_monitor() -> VRAMMonitor:
-    global _monitor
+    global _monitor, _lazy
     m = _monitor
     if m is not None:
         return m
     with _install_lock:
         if _monitor is None:
             _monitor = VRAMMonitor.from_settings(load_settings())
+            _lazy = True
+            logger.warning("a guard was called before install_monitor(): built a monitor from "
+                           "the settings, on %s; a Director that built its own should call "
+                           "install_monitor(monitor) first, or the guards watch another card",
+                           _monitor.device)
         return _monitor
 
 

@@ -68,7 +68,16 @@ class ModelRegistry:
         self.add(ModelRecord(name, nbytes, budget, "module_storages"), replace=replace)
         return nbytes
 
+    @staticmethod
+    def _check_name(name: object) -> None:
+        """A name that every view can print on one line: logs, metrics labels, tables."""
+        if not isinstance(name, str) or not name.strip() or len(name) > 128 or any(
+                not c.isprintable() for c in name):
+            raise ValueError(f"model name {name!r} must be a non-empty printable string of at "
+                             "most 128 characters (no line breaks or control characters)")
+
     def _refuse_duplicate(self, name: str, replace: bool) -> None:
+        self._check_name(name)
         with self._lock:
             known = name in self._models
         if known and not replace:

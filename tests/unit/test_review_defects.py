@@ -338,3 +338,28 @@ def test_top_fetches_the_histograms_only_when_a_slot_ended():
     assert not t.needs_histograms()  # nothing new ended: no /metrics this refresh
     t.add_snapshot({"generation_count": 6, "timestamp": "2026-12-01T12:00:02.000Z"})
     assert t.needs_histograms()
+
+
+# ------------------------------------------------- issue 19 (14, 15): the guards, model names
+
+
+def test_a_guard_before_install_monitor_says_so_and_so_does_the_replacement(caplog):
+    import app
+    from app.guards import get_monitor
+
+    with caplog.at_level("WARNING", logger="app.guards"):
+        lazy = get_monitor()  # VORTEX_BACKEND unset: auto, the simulated card here
+        assert "install_monitor" in caplog.text
+        caplog.clear()
+        app.install_monitor(VRAMMonitor(backend=SimulatedBackend(12 * GB)))
+        assert "replaces the monitor" in caplog.text
+    assert get_monitor() is not lazy
+
+
+@pytest.mark.parametrize("name", ["", "   ", "two\nlines", "tab\there", "x" * 129, None, 7])
+def test_odd_model_names_are_refused(monitor, card, name):
+    with pytest.raises(ValueError, match="model name"), monitor.track_model_load(name):
+        card.allocate(MB)
+    with pytest.raises(ValueError, match="model name"):
+        monitor.register_model(name, __import__("torch").nn.Linear(2, 2))
+    assert monitor.models() == []
