@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-from app.api import ControlPlaneError
 from app.config import SettingsError, load_settings
 from app.errors import VortexInitializationError
 
@@ -61,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--slot-seconds must be >= 0")
     if args.leak_mb < 0:
         ap.error("--leak-mb must be >= 0")
+    if args.pressure_every < 0:
+        ap.error("--pressure-every must be >= 0 (0: no spikes)")
     if args.work_ms < 0 or args.shutdown_timeout <= 0:
         ap.error("--work-ms must be >= 0 and --shutdown-timeout > 0")
     return args
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from app.demo.director import Director  # torch import after argument errors
+    # torch, FastAPI and uvicorn load only once the arguments and settings are good: --help
+    # and a bad setting answer at once.
+    from app.api import ControlPlaneError
+    from app.demo.director import Director
 
     try:
         director = Director(settings, backend=args.backend, slot_seconds=args.slot_seconds,

@@ -363,3 +363,20 @@ def test_odd_model_names_are_refused(monitor, card, name):
     with pytest.raises(ValueError, match="model name"):
         monitor.register_model(name, __import__("torch").nn.Linear(2, 2))
     assert monitor.models() == []
+
+
+# ------------------------------------------------------ issue 19 (16): help before imports
+
+
+def test_the_demo_parses_its_arguments_before_loading_torch_or_the_web_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from app.demo.cli import parse_args; parse_args(['--simulate']); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+    bad = subprocess.run([sys.executable, "-m", "app", "--pressure-every", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--pressure-every" in bad.stderr
