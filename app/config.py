@@ -62,7 +62,10 @@ class _DirectorYamlSource(PydanticBaseSettingsSource):
             return {}
         path = Path(self._path)
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
+            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise SettingsError(f"{env_name('config_file')}={path}: not UTF-8 text (byte "
+                                f"{exc.start}: {exc.reason})") from None
         except (OSError, yaml.YAMLError) as exc:
             raise SettingsError(f"{env_name('config_file')}={path}: cannot read it: {exc}") from exc
         if not isinstance(doc, dict):
@@ -213,7 +216,12 @@ def load_settings(**overrides: Any) -> Settings:
     """``Settings(**overrides)``, with validation errors turned into one ``SettingsError``
     whose lines name each bad variable and the value it had. Unknown ``VORTEX_*`` variables
     get a WARNING naming the closest setting."""
-    for name, close in unknown_variables().items():
+    try:
+        unknown = unknown_variables()
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{ENV_FILE}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+                            ) from None
+    for name, close in unknown.items():
         logger.warning("unknown setting %s is ignored%s", name,
                        f" (did you mean {close}?)" if close else "")
     try:

@@ -380,3 +380,22 @@ def test_the_demo_parses_its_arguments_before_loading_torch_or_the_web_stack():
     bad = subprocess.run([sys.executable, "-m", "app", "--pressure-every", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--pressure-every" in bad.stderr
+
+
+# ------------------------------------------------- issue 19 (5): config files not UTF-8
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, monkeypatch):
+    from app.config import SettingsError, load_settings
+
+    yaml_file = tmp_path / "config.yaml"
+    yaml_file.write_bytes(b"vram_limits:\n  soft_gb: 10\n  # \xff\xfe\n")
+    monkeypatch.setenv("VORTEX_CONFIG_FILE", str(yaml_file))
+    with pytest.raises(SettingsError, match=r"config\.yaml: not UTF-8") as err:
+        load_settings()
+    assert "\n" not in str(err.value)
+    monkeypatch.delenv("VORTEX_CONFIG_FILE")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.env").write_bytes(b"VORTEX_SOFT_LIMIT_GB=10\n# \xff\n")
+    with pytest.raises(SettingsError, match=r"settings\.env: not UTF-8"):
+        load_settings()
