@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     admission_window: int = Field(100, description="Slots the admission forecast uses.")
     admission_quantile: float = 0.9
     admission_margin: float = 0.05
+    not_producing_after: int = Field(20, description="Slots lost in a row (skipped or "
+                                     "aborted) after which /readyz says not_producing.")
     memory_history: bool = Field(False, description="Record allocator history for OOM dumps.")
     memory_history_dir: Path = Path("vram-postmortem")
     memory_history_max_dumps: int = Field(5, ge=1)
@@ -188,6 +190,7 @@ class Settings(BaseSettings):
             "admission_window": self.admission_window,
             "admission_quantile": self.admission_quantile,
             "admission_margin": self.admission_margin,
+            "not_producing_after": self.not_producing_after,
         }
 
 

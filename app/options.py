@@ -59,6 +59,7 @@ class MonitorOptions:
     admission_window: int
     admission_quantile: float
     admission_margin: float
+    not_producing_after: int
 
 
 def number(name: str, value: Any, *, above: float | None = None,
@@ -88,7 +89,8 @@ def check_options(*, soft_limit_gb: Any = 11.0, hard_limit_gb: Any = 11.5,
                   soft_limit_hysteresis_mb: Any = 100.0, snapshot_interval_s: Any = 60.0,
                   stall_after_s: Any = 300.0, required_gb: Any = 11.8,
                   python_warnings: Any = True, admission_window: Any = 100,
-                  admission_quantile: Any = 0.9, admission_margin: Any = 0.05) -> MonitorOptions:
+                  admission_quantile: Any = 0.9, admission_margin: Any = 0.05,
+                  not_producing_after: Any = 20) -> MonitorOptions:
     """Every rule of every option; the defaults are the task card's."""
     soft = number("soft_limit_gb", soft_limit_gb, above=0, at_most=MAX_GB)
     if isinstance(hard_limit_gb, int | float) and not isinstance(hard_limit_gb, bool) \
@@ -126,4 +128,5 @@ def check_options(*, soft_limit_gb: Any = 11.0, hard_limit_gb: Any = 11.5,
         admission_window=count("admission_window", admission_window),
         admission_quantile=quantile,
         admission_margin=margin,
+        not_producing_after=count("not_producing_after", not_producing_after),
     )

@@ -22,6 +22,8 @@ class Readiness(BaseModel):
     stalled: bool = False
     running_slot: int | None = None
     running_s: float = 0.0
+    lost_slots_in_a_row: int = 0
+    reason: str | None = None  # not_started, stalled, not_producing, shutting_down
     detail: str | None = None
 
 

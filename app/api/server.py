@@ -60,10 +60,15 @@ class ControlPlane:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def drain(self) -> None:
+        """The Director begins to stop: /readyz answers 503 shutting_down from now on, and
+        requests waiting on the generation thread answer at once."""
         stopping = getattr(getattr(self._server.config.app, "state", None), "stopping", None)
         if stopping is not None:
-            stopping.set()  # requests waiting on the generation thread answer now
+            stopping.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.drain()  # requests waiting on the generation thread answer now
         self._server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():

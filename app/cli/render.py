@@ -242,4 +242,11 @@ def _liveness(snap: Snapshot) -> Text:
         text.append("; STALLED", style="bold red")
     else:
         text.append("; not stalled")
+    lost = snap.get("lost_slots_in_a_row")
+    if isinstance(lost, int) and not isinstance(lost, bool) and lost > 0:
+        # /readyz says not_producing from VORTEX_NOT_PRODUCING_AFTER (20) on; the CLI does
+        # not know the setting, so it says what it sees from a run of 3.
+        text.append(f"; producing nothing: {lost} slots lost in a row" if lost >= 3
+                    else f"; {lost} lost in a row",
+                    style="bold red" if lost >= 3 else "yellow")
     return text

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app.config import SettingsError, load_settings
@@ -67,10 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _watchdog(timeout: float) -> None:
+def _watchdog(timeout: float, running_slot: Callable[[], object]) -> None:
     time.sleep(timeout)
-    logger.error("the running slot did not finish within %.0fs of the stop request; exiting",
-                 timeout)
+    logger.error("slot %s did not finish within %.0fs of the stop request "
+                 "(--shutdown-timeout); exiting", running_slot(), timeout)
     logging.shutdown()
     os._exit(1)
 
@@ -108,15 +109,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    def running_slot() -> object:
+        return director.monitor.liveness().slot
+
     def on_signal(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
         if director.stop_event.is_set():
-            return
-        logger.info("%s: finishing the current slot and stopping",
-                    signal.Signals(signum).name)
+            # A second Ctrl-C (or SIGTERM): the operator will not wait for the slot.
+            logger.warning("second %s: exiting now, without waiting for slot %s", name,
+                           running_slot())
+            logging.shutdown()
+            os._exit(130)
+        logger.info("%s: finishing slot %s and stopping (/readyz now says shutting_down; "
+                    "a second %s exits at once)", name, running_slot(), name)
         director.stop()
         # A slot that hangs must not keep the process alive: the wait is bounded.
-        threading.Thread(target=_watchdog, args=(args.shutdown_timeout,), daemon=True,
-                         name="shutdown-watchdog").start()
+        threading.Thread(target=_watchdog, args=(args.shutdown_timeout, running_slot),
+                         daemon=True, name="shutdown-watchdog").start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)

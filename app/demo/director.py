@@ -125,7 +125,11 @@ class Director:
         time.sleep(self.work_s)  # the stage's compute; a stop waits for it
 
     def stop(self) -> None:
+        """Begin to stop: the running slot finishes, no new one starts, and /readyz says
+        shutting_down from now on, so a balancer sends no more work."""
         self.stop_event.set()
+        if self.control_plane is not None:
+            self.control_plane.drain()
 
     def close(self) -> None:
         if self.control_plane is not None:

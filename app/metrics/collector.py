@@ -185,9 +185,13 @@ class VRAMCollector:
         models = m.models()
         yield _gauge("backend_up", "1 if the last backend read succeeded.", device,
                      0.0 if snap is None else 1.0)
-        ready = m.preflight_passed and bool(models) and not live.stalled
-        yield _gauge("ready", "1 once pre-flight passed and models are registered, while no "
-                     "generation is stalled (as /readyz).", device, 1.0 if ready else 0.0)
+        ready = m.readiness().ready
+        yield _gauge("ready", "1 while /readyz would answer 200: pre-flight passed, models "
+                     "registered, no generation stalled, slots produced.", device,
+                     1.0 if ready else 0.0)
+        yield _gauge("slots_lost_in_a_row", "Slots skipped or aborted since the last one "
+                     "produced; /readyz says not_producing from VORTEX_NOT_PRODUCING_AFTER.",
+                     device, float(live.lost_in_a_row))
         info = GaugeMetricFamily(P + "build_info", "Versions and the device, as labels; "
                                  "always 1.", labels=list(self._build))
         info.add_metric(list(self._build.values()), 1.0)

@@ -36,3 +36,23 @@ class BackendFaults:
     @property
     def count(self) -> int:
         return self._count
+
+
+class RateLimit:
+    """At most one line per ``interval_s`` for a repeated event; ``tick()`` says whether this
+    one is due and how many were held back since the last due one."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held = 0
+
+    def tick(self) -> tuple[bool, int]:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is None or now - self._last >= self.interval_s:
+                held, self._held, self._last = self._held, 0, now
+                return True, held
+            self._held += 1
+            return False, 0

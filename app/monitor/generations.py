@@ -53,6 +53,7 @@ class GenerationTracker:
         self._trend: LeakTrend | None = None  # cached: a least-squares pass over the window
         self._post_generation_bytes: int | None = None
         self._loaded_in_slot = 0  # bytes models loaded (or unloaded) inside the running slot
+        self._lost_in_a_row = 0  # slots skipped or aborted since the last one produced
         self._generations = 0
         self._failed = 0
         self._ooms = 0
@@ -136,6 +137,8 @@ class GenerationTracker:
             if status == "oom":
                 self._ooms += 1
             self._outcomes[record.outcome] += 1
+            self._lost_in_a_row = 0 if record.outcome in ("full", "degraded") \
+                else self._lost_in_a_row + 1
             if before_bytes is not None and after is not None:
                 allocated, peak = after
                 record.allocated_after_bytes = allocated
@@ -174,6 +177,7 @@ class GenerationTracker:
         """A slot the Director skipped before any stage ran."""
         with self._lock:
             self._outcomes["skipped"] += 1
+            self._lost_in_a_row += 1
             self._forecaster.skip()
 
     def count_admission(self, decision: str) -> None:
@@ -237,7 +241,8 @@ class GenerationTracker:
         since = self._active_since
         running_s = 0.0 if since is None else time.monotonic() - since
         return Liveness(since is not None, slot, running_s, running_s > stall_after_s,
-                        self._last_finished_at, self._post_generation_bytes)
+                        self._last_finished_at, self._post_generation_bytes,
+                        self._lost_in_a_row)
 
     def summary(self, stall_after_s: float) -> TrackerSummary:
         """Everything a snapshot needs from the slots, read under one lock: the figures agree

@@ -32,7 +32,7 @@ import torch
 from app.backends import MemoryBackend, default_backend
 from app.monitor.admission import Admitter, Forecaster
 from app.monitor.cleanup import CleanupRunner
-from app.monitor.faults import BackendFaults
+from app.monitor.faults import BackendFaults, RateLimit
 from app.monitor.generations import GenerationTracker
 from app.monitor.leak import report_leak
 from app.monitor.limits import LimitGuard
@@ -91,6 +91,7 @@ class VRAMMonitor(MonitorViews):
         admission_window: int = 100,
         admission_quantile: float = 0.9,
         admission_margin: float = 0.05,
+        not_producing_after: int = 20,
     ) -> None:
         o = check_options(
             soft_limit_gb=soft_limit_gb, hard_limit_gb=hard_limit_gb,
@@ -101,7 +102,7 @@ class VRAMMonitor(MonitorViews):
             snapshot_interval_s=snapshot_interval_s, stall_after_s=stall_after_s,
             required_gb=required_gb, python_warnings=python_warnings,
             admission_window=admission_window, admission_quantile=admission_quantile,
-            admission_margin=admission_margin)
+            admission_margin=admission_margin, not_producing_after=not_producing_after)
         self.options = o
         # The checked options, by the names callers have always read them by.
         self.soft_limit_bytes, self.hard_limit_bytes = o.soft_limit_bytes, o.hard_limit_bytes
@@ -112,6 +113,7 @@ class VRAMMonitor(MonitorViews):
         self.snapshot_interval_s, self.stall_after_s = o.snapshot_interval_s, o.stall_after_s
         self.emergency_cleanup_enabled, self.limit_basis = o.emergency_cleanup, o.limit_basis
         self.python_warnings = o.python_warnings
+        self.not_producing_after = o.not_producing_after
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
         self._faults = BackendFaults()
@@ -142,6 +144,7 @@ class VRAMMonitor(MonitorViews):
                                   self._auto_cleanup, basis_index=self._basis_index,
                                   cleanup_enabled=self.emergency_cleanup_enabled)
         self._preflight: PreflightResult | None = None
+        self._skip_log = RateLimit(60.0)
 
     @classmethod
     def from_settings(
@@ -302,11 +305,17 @@ class VRAMMonitor(MonitorViews):
         return self._admitter.admit(slot)
 
     def skip_slot(self, slot: int | None = None, reason: str = "") -> None:
-        """Count a slot the Director skipped before any stage ran (outcome ``skipped``)."""
+        """Count a slot the Director skipped before any stage ran (outcome ``skipped``).
+        Logged once, then at most once a minute with the count since (a Director whose every
+        slot is skipped would otherwise log each one, forever)."""
         self._tracker.skip()
-        logger.warning("slot %s skipped before it started%s", slot,
-                       f": {reason}" if reason else "",
-                       extra={"vram_event": "slot_skipped", "slot": slot, "device": self.device})
+        due, since = self._skip_log.tick()
+        if due:
+            more = f" ({since} more since the last such line)" if since else ""
+            logger.warning("slot %s skipped before it started%s%s", slot,
+                           f": {reason}" if reason else "", more,
+                           extra={"vram_event": "slot_skipped", "slot": slot,
+                                  "skipped_since_last_line": since, "device": self.device})
 
     # ------------------------------------------------------------------ the card's leak API
 

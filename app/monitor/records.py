@@ -165,6 +165,18 @@ class Liveness:
     stalled: bool  # the running slot passed stall_after_s
     last_generation_at: float | None  # Unix time the last generation ended; None before one
     post_generation_allocated_bytes: int | None  # allocated after it: the level leaks show in
+    lost_in_a_row: int = 0  # slots skipped or aborted since the last one produced
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessState:
+    """What ``/readyz`` answers, and ``icn_vortex_vram_ready``: one rule for both.
+    ``reason``: ``None`` when ready, else ``not_started`` (pre-flight or models missing),
+    ``stalled``, ``not_producing`` or ``shutting_down``."""
+
+    ready: bool
+    reason: str | None
+    detail: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +260,7 @@ class VRAMSnapshot:
     running_s: float
     stalled: bool
     last_generation_at: str | None  # when the last generation ended, UTC
+    lost_slots_in_a_row: int  # skipped or aborted since the last slot produced
     last_cleanup: CleanupResult | None
     forecast_samples: int  # generations the admission forecast is built on; 0: none yet
     forecast_activation_bytes: int

@@ -95,6 +95,7 @@ class SnapshotBuilder:
             backend_errors=self._faults.count, cleanup_failures=cleanup_failures,
             slot_outcomes=slots.outcomes, admissions=slots.admissions, running_slot=live.slot,
             running_s=round(live.running_s, 3), stalled=live.stalled,
+            lost_slots_in_a_row=live.lost_in_a_row,
             last_generation_at=None if live.last_generation_at is None
             else utc_timestamp(live.last_generation_at),
             last_cleanup=self._cleaner.last(), forecast_samples=f.samples,

@@ -18,6 +18,7 @@ from app.monitor.records import (
     Liveness,
     ModelRecord,
     MonitorCounters,
+    ReadinessState,
     VRAMSnapshot,
     to_gb,
 )
@@ -45,6 +46,7 @@ class MonitorViews:
     _preflight: PreflightResult | None
     limit_basis: str
     stall_after_s: float
+    not_producing_after: int
 
     @property
     def backend(self) -> MemoryBackend:
@@ -129,3 +131,24 @@ class MonitorViews:
     def snapshot(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
         """A fresh, immutable view of the device and the monitor, not logged."""
         return self._snapshots.build(event, slot)
+
+    def readiness(self, *, shutting_down: bool = False) -> ReadinessState:
+        """Whether this Director should be sent work: pre-flight passed and models registered,
+        no slot stalled, slots being produced (fewer than ``not_producing_after`` lost in a
+        row), and not shutting down. What ``/readyz`` and ``icn_vortex_vram_ready`` say."""
+        live = self.liveness()
+        if shutting_down:
+            return ReadinessState(False, "shutting_down", "the Director is stopping: it "
+                                  "finishes the running slot and takes no new work")
+        if not self._preflight or not self._registry.models():
+            return ReadinessState(False, "not_started", "pre-flight has not passed or no "
+                                  "model is registered yet")
+        if live.stalled:
+            return ReadinessState(False, "stalled", f"generation loop stalled: slot "
+                                  f"{live.slot} has run {live.running_s:.0f}s "
+                                  f"(stall_after_s={self.stall_after_s:g})")
+        if live.lost_in_a_row >= self.not_producing_after:
+            return ReadinessState(False, "not_producing", f"producing nothing: the last "
+                                  f"{live.lost_in_a_row} slots were skipped or aborted "
+                                  f"(not_producing_after={self.not_producing_after})")
+        return ReadinessState(True, None, None)

@@ -31,7 +31,7 @@ def test_health_and_readiness(plane):
     assert r.status_code == 200
     assert r.json() == {"ready": True, "preflight_passed": True, "models_registered": 5,
                         "stalled": False, "running_slot": None, "running_s": 0.0,
-                        "detail": None}
+                        "detail": None, "lost_slots_in_a_row": 0, "reason": None}
 
 
 def test_not_ready_before_preflight_and_models():
@@ -338,3 +338,19 @@ def test_stopping_while_a_cleanup_waits_answers_202_and_stops_in_time(caplog):
     assert answers and answers[0].status_code == 202
     assert stopped_in < 5
     assert "CancelledError" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_readyz_says_not_producing_and_shutting_down(plane, node):
+    """Issue 19 (1, 2): a Director that loses every slot, or is stopping, is not ready."""
+    monitor, _ = node
+    for slot in range(monitor.not_producing_after):
+        monitor.skip_slot(slot)
+    r = httpx.get(f"{plane.url}/readyz")
+    assert r.status_code == 503 and r.json()["reason"] == "not_producing"
+    assert r.json()["lost_slots_in_a_row"] == monitor.not_producing_after
+    with monitor.generation(99):
+        pass
+    assert httpx.get(f"{plane.url}/readyz").status_code == 200
+    plane.drain()  # what Director.stop() does on SIGTERM
+    r = httpx.get(f"{plane.url}/readyz")
+    assert r.status_code == 503 and r.json()["reason"] == "shutting_down"

@@ -399,3 +399,30 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, monkeypa
     (tmp_path / "settings.env").write_bytes(b"VORTEX_SOFT_LIMIT_GB=10\n# \xff\n")
     with pytest.raises(SettingsError, match=r"settings\.env: not UTF-8"):
         load_settings()
+
+
+# --------------------------------------------- issue 19 (1): a Director producing nothing
+
+
+def test_a_run_of_lost_slots_makes_the_director_not_ready_until_one_is_produced(card, caplog):
+    monitor = VRAMMonitor(backend=card, not_producing_after=20, python_warnings=False)
+    with monitor.track_model_load("flux"):
+        card.allocate(GB)
+    monitor.preflight(required_gb=1.0)
+    assert monitor.readiness().ready
+    with caplog.at_level("WARNING", logger="app.monitor.monitor"):
+        for slot in range(19):
+            monitor.skip_slot(slot, "forecast does not fit")
+        assert monitor.readiness().ready  # 19 lost: not yet
+        with pytest.raises(MemoryPressureError), monitor.generation(19):
+            raise MemoryPressureError("refused")  # an aborted slot counts as lost too
+    state = monitor.readiness()
+    assert (state.ready, state.reason) == (False, "not_producing")
+    assert "20 slots" in state.detail
+    assert monitor.snapshot().lost_slots_in_a_row == 20
+    skipped_lines = [r for r in caplog.records if "skipped before it started" in r.message]
+    assert len(skipped_lines) == 1  # 19 skips, one line: the rest summed up a minute later
+    with monitor.generation(20):
+        pass
+    assert monitor.readiness().ready and monitor.liveness().lost_in_a_row == 0
+    assert monitor.readiness(shutting_down=True).reason == "shutting_down"
