@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
+from app.api.security import log_refusal
 from app.monitor import VRAMMonitor
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ async def require_token(request: Request) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(
         given.strip().encode("latin-1"), expected
     ):
+        log_refusal(request.scope, 401, "missing or invalid bearer token")
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid bearer token",
             headers={"WWW-Authenticate": "Bearer"},

@@ -58,14 +58,15 @@ def create_app(
     app.state.scrape_cache = metrics.ScrapeCache(registry, metrics_ttl_s)
     app.state.memory_snapshots = MinInterval(vram.MEMORY_SNAPSHOT_INTERVAL_S)
     routers = (health.router, vram.router, metrics.router)
-    app.add_middleware(HttpMetrics, registry=registry, excluded=("/metrics",),
-                       routes=[route for r in routers for route in r.routes])
-    # Added last, run first: refusals cost no parsing, no routing and no metrics.
+    # Added last, run first: refusals cost no parsing and no routing; the metrics middleware
+    # wraps them all, so a refused request (431, 421, 403) is counted like any other.
     app.add_middleware(OriginCheck)
     hosts = parse_allowed_hosts(allowed_hosts)
     if hosts is not None:
         app.add_middleware(HostCheck, allowed=hosts)
     app.add_middleware(HeaderLimit)
+    app.add_middleware(HttpMetrics, registry=registry, excluded=("/metrics",),
+                       routes=[route for r in routers for route in r.routes])
 
     for router in routers:
         app.include_router(router)

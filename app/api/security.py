@@ -16,12 +16,16 @@ header lookup on every request.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import threading
+import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+logger = logging.getLogger("app.api")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -73,6 +77,29 @@ def bearer_token(token: str | SecretStr | None) -> bytes | None:
     return token.encode("ascii")
 
 
+_refusal_lock = threading.Lock()
+_refusals: dict[str, tuple[float, int]] = {}  # reason -> (monotonic of the last line, held)
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+def log_refusal(scope: Scope, status: int, reason: str) -> None:
+    """One WARNING per reason every ``REFUSAL_LOG_INTERVAL_S``, with how many were held back:
+    the source address and the reason, never a header's value (the token stays out)."""
+    now = time.monotonic()
+    with _refusal_lock:
+        last, held = _refusals.get(reason, (None, 0))
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
+            _refusals[reason] = (last, held + 1)
+            return
+        _refusals[reason] = (now, 0)
+    client = scope.get("client") or ("?", 0)
+    more = f" ({held} more since the last such line)" if held else ""
+    logger.warning("control plane refused %s %s from %s: %d %s%s", scope.get("method", "?"),
+                   scope.get("path", "?"), client[0], status, reason, more,
+                   extra={"vram_event": "http_refused", "status": status, "reason": reason,
+                          "source": client[0], "held_back": held})
+
+
 async def _refuse(send: Send, status: int, text: str) -> None:
     body = text.encode("utf-8", "replace") + b"\n"
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -100,6 +127,7 @@ class HostCheck:
         if scope["type"] == "http":
             host = _header(scope, b"host")
             if host is None or host_name(host) not in self.allowed:
+                log_refusal(scope, 421, "foreign Host (DNS rebinding?)")
                 await _refuse(send, 421, f"misdirected request: this server does not answer "
                               f"to Host {host!r}")
                 return
@@ -117,6 +145,7 @@ class OriginCheck:
         if scope["type"] == "http" and scope["method"] in _UNSAFE:
             origin = _header(scope, b"origin")
             if origin is not None and not self._same_origin(scope, origin):
+                log_refusal(scope, 403, "cross-origin request")
                 await _refuse(send, 403, f"cross-origin request refused: Origin {origin!r} "
                               "is not this control plane")
                 return

@@ -140,3 +140,30 @@ def test_on_loopback_no_setting_lets_a_foreign_host_in(node, setting):
         if setting == "director.internal":  # a list with * in it means any: ignored here
             assert _get(cp, "/healthz", "director.internal").status_code == 200
     assert monitor.emergency_cleanups == 0
+
+
+def test_refused_requests_are_counted_and_logged_without_the_token(plane, caplog):
+    """Issue 19 (3): 421, 403 and 401 left no trace, and the 421s were missing from
+    http_requests_total."""
+    import logging
+
+    from app.api import security
+
+    security._refusals.clear()
+    with caplog.at_level(logging.WARNING, logger="app.api"):
+        for _ in range(3):
+            assert _get(plane, "/vram/snapshot", "evil.example").status_code == 421
+        r = httpx.post(f"{plane.url}/vram/cleanup",
+                       headers={**AUTH, "Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = httpx.post(f"{plane.url}/vram/cleanup",
+                       headers={"Authorization": "Bearer wrong-secret-token"})
+        assert r.status_code == 401
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 3  # one per reason: the repeated 421s are held back
+    assert all("127.0.0.1" in line for line in lines)
+    assert "wrong-secret-token" not in caplog.text and TOKEN not in caplog.text
+    metrics = httpx.get(f"{plane.url}/metrics").text
+    # the 421s, counted
+    assert 'http_requests_total{handler="/vram/snapshot",method="GET",status="4xx"} 3.0' \
+        in metrics
