@@ -6,6 +6,8 @@ Each kind has a clock of its own, so one kind never blocks another:
 
 * ``soft_limit`` and ``http`` share the *discretionary* clock: both release cache that nothing
   is waiting for, and an operator's cleanup right after an automatic one would free nothing;
+  but an automatic one that freed nothing gives the clock back, so it never blocks the
+  operator's request;
 * ``hard_limit`` has its own clock, which binds only the cleanups that cannot change the
   outcome (on the ``allocated`` basis, or when the cache is too small): a cleanup that can
   bring usage back under the hard limit is a recovery and always runs (``cooldown=False``);
@@ -115,7 +117,15 @@ class CleanupRunner:
             self._last = result
             self._futile_state = (None if freed else
                                   (after.allocated_bytes, after.reserved_bytes))
-            if clock:
+            if clock and not freed and reason != "http" and clock == "discretionary":
+                # An automatic cleanup that freed nothing does not hold the operator's clock:
+                # it did not make the operator's request pointless. The operator's own
+                # cleanups keep it, freed or not (they cost the loop a gc pass each).
+                if previous is None:
+                    self._clock_at.pop(clock, None)
+                else:
+                    self._clock_at[clock] = previous
+            elif clock:
                 self._last_by_clock[clock] = result
         logger.info(
             "Emergency cleanup freed %.0fMB (%.2fGB → %.2fGB), reason=%s", freed / MB,

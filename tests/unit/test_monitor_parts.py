@@ -50,7 +50,9 @@ def test_leak_detector_rebase_and_the_cards_baseline():
 
 
 def test_cleanup_clocks_per_kind():
-    runner = CleanupRunner(SimulatedBackend(12 * GB), cooldown_s=60)
+    card = SimulatedBackend(12 * GB)
+    runner = CleanupRunner(card, cooldown_s=60)
+    card.free(card.allocate(100 * MB))  # something to free: the soft-limit cleanup counts
     runner.run("soft_limit")
     with pytest.raises(CleanupCooldownError) as err:
         runner.run("http")  # shares the discretionary clock

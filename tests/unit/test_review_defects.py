@@ -426,3 +426,17 @@ def test_a_run_of_lost_slots_makes_the_director_not_ready_until_one_is_produced(
         pass
     assert monitor.readiness().ready and monitor.liveness().lost_in_a_row == 0
     assert monitor.readiness(shutting_down=True).reason == "shutting_down"
+
+
+# ----------------------------------- issue 19 (4): a cleanup that freed nothing blocks no one
+
+
+def test_a_soft_limit_cleanup_that_freed_nothing_does_not_hold_the_operators_clock(card):
+    monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=3600, python_warnings=False)
+    monitor._cleanups.run("soft_limit")  # nothing cached: frees 0 B
+    result = monitor.request_cleanup("http")  # not a 429
+    assert result is not None and result.reason == "http"
+    from app.errors import CleanupCooldownError
+
+    with pytest.raises(CleanupCooldownError):  # the operator's own cleanup keeps the clock
+        monitor.request_cleanup("http")
