@@ -187,6 +187,13 @@ class _Reader:
             raise self.error(f"{key} needs a non-negative integer, got {tok!r}")
         return int(tok)
 
+    def number(self, key: str) -> float:
+        tok = self.take(f"a value for {key}")
+        try:
+            return float(tok)
+        except ValueError:
+            raise self.error(f"{key} needs a number, got {tok!r}") from None
+
     def boolean(self, key: str) -> bool:
         tok = self.take(f"a value for {key}")
         if tok not in ("True", "False"):
@@ -214,13 +221,9 @@ def parse_alloc_conf(text: str, previous: AllocatorSettings | None = None) -> Al
                 raise r.error(f"{key} too small, must be >= {LARGE_BUFFER // MiB}")
             values[key] = min(mb, SIZE_MAX // MiB) * MiB
         elif key == "garbage_collection_threshold":
-            tok = r.take(f"a value for {key}")
-            try:
-                threshold = float(tok)
-            except ValueError:
-                raise r.error(f"{key} needs a number, got {tok!r}") from None
+            threshold = r.number(key)
             if not 0.0 < threshold < 1.0:
-                raise r.error(f"{key} is invalid, set it in (0.0, 1.0), got {tok}")
+                raise r.error(f"{key} is invalid, set it in (0.0, 1.0), got {threshold:g}")
             values[key] = threshold
         elif key == "roundup_power2_divisions":
             values[key] = _parse_divisions(r)
@@ -236,13 +239,9 @@ def parse_alloc_conf(text: str, previous: AllocatorSettings | None = None) -> Al
         elif key in _PASSIVE_INT_KEYS:
             passive[key] = r.integer(key)
         elif key == "per_process_memory_fraction":
-            tok = r.take(f"a value for {key}")
-            try:
-                fraction = float(tok)
-            except ValueError:
-                raise r.error(f"{key} needs a number, got {tok!r}") from None
+            fraction = r.number(key)
             if not 0.0 <= fraction <= 1.0:
-                raise r.error(f"{key} must be in [0.0, 1.0], got {tok}")
+                raise r.error(f"{key} must be in [0.0, 1.0], got {fraction:g}")
             passive[key] = fraction
         else:
             raise r.error(f"unrecognized key {key!r}")

@@ -71,6 +71,17 @@ class _Block:
     def key(self) -> tuple[int, int]:
         return self.size, self.address
 
+    def split_after(self, size: int, *, mapped: bool = True) -> _Block:
+        """Cut this block at ``size``: it keeps the first part; the rest, returned, follows
+        it in the segment."""
+        rest = _Block(self.segment, self.address + size, self.size - size, mapped=mapped)
+        rest.prev, rest.next = self, self.next
+        if self.next is not None:
+            self.next.prev = rest
+        self.next = rest
+        self.size = size
+        return rest
+
     def is_split(self) -> bool:
         return self.prev is not None or self.next is not None
 

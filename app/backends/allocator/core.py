@@ -196,12 +196,7 @@ class CachingAllocator(_ExpandableSegments):
         seg = block.segment
         already_split = block.is_split()
         if self._settings.should_split(pool.small, block.size, size):
-            rest = _Block(seg, block.address + size, block.size - size)
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
-            block.size = size
+            rest = block.split_after(size)
             self._blocks[rest.address] = rest
             self._free_add(pool, rest)
             if not seg.expandable:

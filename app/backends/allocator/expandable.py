@@ -93,13 +93,7 @@ class _ExpandableSegments:
         pool.unmapped.remove(block.address)
         block.mapped = True
         if mapped < block.size:
-            rest = _Block(block.segment, block.address + mapped, block.size - mapped,
-                          mapped=False)
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
-            block.size = mapped
+            rest = block.split_after(mapped, mapped=False)
             self._blocks[rest.address] = rest
             pool.unmapped.add(rest.address)
         start = block.address
