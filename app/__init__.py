@@ -23,11 +23,12 @@ _EXPORTS = {
     **dict.fromkeys(("check_allocation", "check_limits", "clear_cuda_cache",
                      "get_current_vram_usage", "get_monitor", "get_vram_breakdown",
                      "install_monitor"), "app.guards"),
-    **dict.fromkeys(("Admission", "Forecast", "GenerationRecord", "ModelRecord",
+    **dict.fromkeys(("Admission", "Forecast", "GenerationRecord", "MIN_SCALE", "ModelRecord",
                      "VRAMMonitor", "VRAMSnapshot"), "app.monitor"),
 }
 
 __all__ = [
+    "MIN_SCALE",
     "Admission",
     "CleanupCooldownError",
     "ControlPlane",
@@ -94,6 +95,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
         install_monitor,
     )
     from app.monitor import (
+        MIN_SCALE,
         Admission,
         Forecast,
         GenerationRecord,

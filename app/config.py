@@ -86,6 +86,10 @@ class _DirectorYamlSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
+    """The Director's settings: ``VORTEX_*`` variables, ``settings.env`` and the task card's
+    ``config.yaml`` (``VORTEX_CONFIG_FILE``). ``load_settings()`` builds one with errors as
+    one line naming the variable; ``monitor_kwargs()`` gives ``VRAMMonitor``'s arguments."""
+
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=ENV_FILE, extra="ignore", validate_default=True
     )

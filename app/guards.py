@@ -34,6 +34,8 @@ def install_monitor(monitor: VRAMMonitor | None) -> None:
 
 
 def get_monitor() -> VRAMMonitor:
+    """The process-wide monitor: the one ``install_monitor`` installed, else one built from
+    the settings (with a WARNING naming ``install_monitor``)."""
     global _monitor, _lazy
     m = _monitor
     if m is not None:

@@ -53,11 +53,13 @@ class ControlPlane:
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT`` the control plane answers on."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
+        """Whether its server thread is alive."""
         return self._thread.is_alive()
 
     def drain(self) -> None:
@@ -68,6 +70,8 @@ class ControlPlane:
             stopping.set()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Shut the server down and join its thread (at most ``timeout`` s, then connections
+        that would not close are dropped)."""
         self.drain()  # requests waiting on the generation thread answer now
         self._server.should_exit = True
         self._thread.join(timeout)

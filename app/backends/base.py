@@ -127,7 +127,9 @@ class MemoryBackend(Protocol):
         ``cuda:N``; ``None`` where the backend cannot tell. Read once at construction."""
         ...
 
-    def sample(self) -> AllocatorSample: ...
+    def sample(self) -> AllocatorSample:
+        """One read of the allocator's counters: what every guard call reads, once."""
+        ...
 
     @property
     def allocator_settings(self) -> AllocatorSettings:

@@ -98,6 +98,7 @@ class CudaBackend:
 
     @property
     def index(self) -> int:
+        """The CUDA device index, as torch numbers the visible devices."""
         return self._index
 
     @property

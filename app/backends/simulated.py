@@ -122,6 +122,7 @@ class SimulatedBackend(CachingAllocator):
             self._allowed_max = int(fraction * self._total)
 
     def memory_fraction(self) -> float:
+        """The per-process memory fraction set on this card; 1.0 when none is."""
         return 1.0 if self._fraction is None else self._fraction
 
     def set_faults(self, *, reads: bool = False, empty_cache: bool = False) -> None:
@@ -234,6 +235,8 @@ class SimulatedBackend(CachingAllocator):
             return handle
 
     def free(self, handle: int) -> None:
+        """Free what ``allocate`` returned ``handle`` for, as dropping the last reference to a
+        tensor does; ``ValueError`` for an unknown or already freed handle."""
         with self._lock:
             if handle not in self._handles:
                 raise ValueError(f"unknown or already freed handle {handle}")

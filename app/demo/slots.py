@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 from app.demo.workload import STAGE_SECONDS, Device, SlotPlan
 from app.errors import MemoryPressureError
-from app.monitor import Admission, VRAMMonitor
+from app.monitor import MIN_SCALE, Admission, VRAMMonitor  # below MIN_SCALE: skipped
 
 logger = logging.getLogger("app.demo")
 
-MIN_SCALE = 0.5  # below half size a degraded slot is not worth running: skip it
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The monitor core. Imports nothing from the web layer."""
 
+from app.monitor.admission import MIN_SCALE
 from app.monitor.monitor import VRAMMonitor
 from app.monitor.records import (
     Admission,
@@ -15,6 +16,7 @@ from app.monitor.records import (
 )
 
 __all__ = [
+    "MIN_SCALE",
     "Admission",
     "CleanupResult",
     "Forecast",

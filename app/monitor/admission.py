@@ -36,6 +36,9 @@ NO_FORECAST = Forecast(0, 0, 0, MappingProxyType({}))
 # Stage windows kept, the most recently seen: a Director whose stage names vary ("chunk 17")
 # would otherwise grow one window per name forever, and every forecast with them.
 MAX_STAGES = 64
+# Below half its size a refused slot is not worth running: a Director skips it (README's
+# loop). The library's suggestion; a Director may choose another floor.
+MIN_SCALE = 0.5
 # A skip that cannot move the forecast by the median shrinks its largest value by this: a
 # forecast twice too high lets the Director probe again after about seven skips.
 SKIP_SHRINK = 0.9

@@ -163,10 +163,10 @@ class VRAMMonitor(MonitorViews):
 
         Above the soft limit: one WARNING log, one count and one ``MemoryPressureWarning``
         per excursion (re-armed once usage falls below the soft limit minus the hysteresis),
-        and an emergency cleanup when enabled and its clock allows. Above the hard limit: an
-        ERROR log, a cleanup and ``MemoryPressureError`` on every call; on the reserved basis a
-        cleanup that brings usage back under the hard limit clears the error (such a recovery
-        always runs, whatever cleanup ran before it).
+        and an emergency cleanup when enabled, its clock allows and the cache holds something
+        to return. Above the hard limit: an ERROR log and ``MemoryPressureError`` on every
+        call, with a cleanup only where it frees something; on the reserved basis a cleanup
+        that returns enough clears the error (such a recovery always runs).
 
         Fails open: if the backend cannot be read, the check counts a backend error, logs
         (rate-limited) and returns ``None``; the slot goes on, and an OOM it then meets is
@@ -176,12 +176,16 @@ class VRAMMonitor(MonitorViews):
         return self._limits.check(context)
 
     def check_allocation(self, requested_bytes: int, context: str = "") -> int | None:
-        """Refuse, before it happens, an allocation that would take usage past the hard limit.
+        """Refuse, before it happens, an allocation that would take usage past the hard limit
+        or that the allocator could not place (fragmentation): ``MemoryPressureError``
+        (``reason="allocation_refused"``, ``projected_bytes``); nothing is allocated.
 
-        Returns the projected usage in bytes. On the reserved basis the projection assumes
-        the cache can be reused: ``max(reserved, allocated + requested)``, and a request that
-        fits once the cache is released is not refused: the cache is released. Fails open
-        like ``check_limits`` (returns ``None``) when the backend cannot be read.
+        Returns the projected usage in bytes, from the allocator model (placement.py): on
+        the reserved basis a request that reuses a cached block adds nothing and a new
+        segment adds its size, and a request that fits once the cache is released is not
+        refused: the cache is released first. ``requested_bytes`` is a whole number of bytes
+        (``ValueError``/``TypeError`` otherwise). Fails open like ``check_limits`` (returns
+        ``None``) when the backend cannot be read.
         """
         return self._limits.check_allocation(requested_bytes, context)
 
@@ -250,6 +254,7 @@ class VRAMMonitor(MonitorViews):
             self._tracker.rebase_leak(-record.vram_bytes)
 
     def models_over_budget(self) -> list[str]:
+        """The names of the models past their budget (beyond allocator rounding)."""
         return [m.name for m in self._registry.models() if m.over_budget]
 
     def validate_buffers(self, buffers: Mapping[str, int]) -> int:

@@ -50,30 +50,37 @@ class MonitorViews:
 
     @property
     def backend(self) -> MemoryBackend:
+        """The backend the monitor reads (``SimulatedBackend``, ``CudaBackend``, ...)."""
         return self._backend
 
     @property
     def device(self) -> str:
+        """The backend's label (``cuda:0``, ``sim:0``): the metrics' ``device`` label."""
         return self._backend.device
 
     @property
     def soft_limit_violations(self) -> int:
+        """Soft-limit excursions so far (each counted once, at its edge)."""
         return self._limits.soft_violations
 
     @property
     def hard_limit_violations(self) -> int:
+        """Hard-limit violations so far: checks above it and allocations refused."""
         return self._limits.hard_violations
 
     @property
     def emergency_cleanups(self) -> int:
+        """Cleanups run so far, every reason."""
         return self._cleanups.count
 
     @property
     def generation_count(self) -> int:
+        """Generations counted so far (``generation()`` and ``increment_generation_count``)."""
         return self._tracker.generations
 
     @property
     def preflight_passed(self) -> bool:
+        """Whether ``preflight()`` has passed."""
         return self._preflight is not None
 
     def usage_bytes(self) -> int:
@@ -81,6 +88,7 @@ class MonitorViews:
         return self._backend.sample()[0 if self.limit_basis == "allocated" else 1]
 
     def counters(self) -> MonitorCounters:
+        """Every counter at one moment: violations, cleanups, generations, OOMs, leaks, faults."""
         generations, failed, ooms, leaks = self._tracker.counts()
         cleanups, freed, cleanup_failures = self._cleanups.totals()
         return MonitorCounters(
@@ -96,9 +104,11 @@ class MonitorViews:
         return Histograms(*self._tracker.histograms())
 
     def recent_generations(self) -> list[GenerationRecord]:
+        """The last generations' records, oldest first."""
         return self._tracker.recent()
 
     def last_cleanup(self) -> CleanupResult | None:
+        """The last cleanup that ran, whatever its reason; None before one."""
         return self._cleanups.last()
 
     def cleanup_retry_after(self, reason: str = "http") -> float:
@@ -119,9 +129,12 @@ class MonitorViews:
         return self._tracker.slot_counts()
 
     def leak_trend(self) -> LeakTrend:
+        """The slope of the post-generation level over the last window, and the generations
+        left before the hard limit at that rate."""
         return self._tracker.leak_trend()
 
     def models(self) -> list[ModelRecord]:
+        """The resident models, as registered."""
         return self._registry.models()
 
     def get_vram_breakdown(self) -> dict[str, float]:
