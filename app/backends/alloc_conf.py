@@ -92,6 +92,16 @@ class AllocatorSettings:
             return LARGE_BUFFER
         return _round_up(block_bytes, ROUND_LARGE)
 
+    def new_bytes(self, block_bytes: int) -> int:
+        """What a (rounded) request that no cached block serves adds to reserved: a segment
+        of ``allocation_size``, or, under expandable segments, its whole pages."""
+        if block_bytes <= 0:
+            return 0
+        if self.expandable_segments:
+            page = self.page_bytes(self.is_small(block_bytes))
+            return _round_up(block_bytes, page)
+        return self.allocation_size(block_bytes)
+
     def page_bytes(self, small: bool) -> int:
         """What an expandable segment maps at a time: its granularity."""
         return SMALL_BUFFER if small else LARGE_BUFFER

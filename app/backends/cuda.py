@@ -179,13 +179,7 @@ class CudaBackend:
                   for p in ("small_pool", "large_pool")}
         split = {p: stats["inactive_split_bytes"][p]["current"]
                  for p in ("small_pool", "large_pool")}
-        page = st.page_bytes(pool == "small_pool")
-        if not size:
-            new = 0
-        elif st.expandable_segments:
-            new = -(-size // page) * page
-        else:
-            new = st.allocation_size(size)
+        new = st.new_bytes(size)
         need_view = st.expandable_segments or (size and cached[pool] >= size) or nbytes == 0
         view = self._cache_view(stats) if need_view else None
         if view is None:

@@ -102,7 +102,7 @@ class AllocatorModel:
             new = 20 << 20
         else:
             new = (size + (2 << 20) - 1) & ~((2 << 20) - 1)
-        grown = s.reserved_bytes + new
+        grown = s.reserved_bytes + new  # AllocatorSettings.new_bytes, inlined for speed
         if grown > self._reservable():
             return -1
         projected = grown if self._reserved_basis else s.allocated_bytes + size
@@ -122,7 +122,7 @@ class AllocatorModel:
         if not self._reserved_basis and s.allocated_bytes + size > hard:
             return Verdict(False, s.allocated_bytes + size, True, False, None)  # the limit
         if not quick_failed:
-            grown = s.reserved_bytes + _new_bytes(st, size)
+            grown = s.reserved_bytes + st.new_bytes(size)
             if grown <= self._backend.reservable_bytes():  # the counters decide: room for it
                 projected = grown if self._reserved_basis else s.allocated_bytes + size
                 if projected <= hard:
@@ -147,7 +147,7 @@ class AllocatorModel:
         # Only a release of the cache can make it fit. The allocator releases its whole cache
         # by itself when the device is full; when the limit is what is in the way, the monitor
         # has to release it first. Counted at the worst: the request then takes a new segment.
-        new = c.new_bytes or _new_bytes(self._backend.allocator_settings, c.request_bytes)
+        new = c.new_bytes or self._backend.allocator_settings.new_bytes(c.request_bytes)
         after = reserved - c.releasable_bytes + new
         if c.releasable_bytes <= 0 or after > hard or new > c.room_bytes + c.releasable_bytes:
             return Verdict(False, reserved + (0 if reuse else c.new_bytes), True, False, c)
@@ -253,13 +253,6 @@ class AllocatorModel:
         ratio = round(1 - min(largest, whole) / whole, 4) if whole > 0 else 0.0
         return Fragmentation(c.inactive_split_bytes, c.releasable_bytes,
                              c.largest_free_block_bytes, largest, free, ratio, c.estimate)
-
-
-def _new_bytes(st: AllocatorSettings, size: int) -> int:
-    if st.expandable_segments:
-        page = st.page_bytes(st.is_small(size))
-        return -(-size // page) * page
-    return st.allocation_size(size)
 
 
 def _segment_step(st: AllocatorSettings) -> int:

@@ -62,6 +62,8 @@ class CachingAllocator(_ExpandableSegments):
         self._reserved = self._stats["reserved_bytes"][0]
         self._inactive = self._stats["inactive_split_bytes"][0]
         self._history: deque[dict[str, Any]] | None = None
+        # What empty_cache would return now, kept as blocks enter and leave the free sets (a
+        # block's share cannot change while it sits there: any change takes it out first).
         self._releasable_bytes = 0
 
     def reservable_bytes(self) -> int:
@@ -78,10 +80,7 @@ class CachingAllocator(_ExpandableSegments):
         pool = self._small if st.is_small(size) else self._large
         block = self._find_free(pool, size) if size else None
         reuse = block.size if block is not None else 0
-        if st.expandable_segments and size:
-            new = _round_up(size, st.page_bytes(pool.small))
-        else:
-            new = st.allocation_size(size) if size else 0
+        new = st.new_bytes(size)
         large = self._large.free
         # Positional, in CacheState's field order: keywords cost a third of this call.
         return CacheState(size, reuse, 0 if reuse or not size else new,
@@ -140,14 +139,6 @@ class CachingAllocator(_ExpandableSegments):
             return None
         return block
 
-    def _largest_free(self, pool: _Pool) -> int:
-        return pool.free[-1][0] if pool.free else 0
-
-    def _releasable(self) -> int:
-        """What ``empty_cache`` would return now: whole free segments, and under expandable
-        segments the whole free pages; kept as blocks enter and leave the free sets (a block's
-        share cannot change while it sits there: any change takes it out first)."""
-        return self._releasable_bytes
 
     def _share(self, block: _Block) -> int:
         if block.segment.expandable:
