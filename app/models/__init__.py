@@ -1,0 +1,1 @@
+"""The Director's five models, built from their real architectures on the meta device."""
