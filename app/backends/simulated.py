@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +45,9 @@ from app.backends.allocator import CachingAllocator
 from app.backends.allocator.blocks import _COUNTERS, _Block
 from app.backends.allocator.reports import _flatten_stats, _segment_dicts, _skip_frames_of
 from app.backends.base import AllocatorSample, CacheState, DeviceMemory
+
+if TYPE_CHECKING:
+    from app.backends.capture import Capture, _Charge
 
 _skip_frames_of(__file__)  # a block's first recorded frame is the code that called the card
 
@@ -93,6 +96,10 @@ class SimulatedBackend(CachingAllocator):
         self._ids = itertools.count(1)
         self._fail_reads = False
         self._fail_empty_cache = False
+        # capture(): the storages it placed, and the handles of those that died, freed before
+        # the next read (a storage can die inside the garbage collector, lock held).
+        self._charged: dict[int, _Charge] = {}
+        self._dead: deque[int] = deque()
 
     # -- settings and fault injection ---------------------------------------------------------
 
@@ -160,6 +167,8 @@ class SimulatedBackend(CachingAllocator):
 
     def sample(self) -> AllocatorSample:
         with self._lock:
+            if self._dead:
+                self._free_queued()
             if self._fail_reads:
                 self._check_read()
             c = self._counters
@@ -178,11 +187,13 @@ class SimulatedBackend(CachingAllocator):
         """What the allocator would do with a request of ``nbytes``, and what its cache could
         give: exact, O(log n) in the cached blocks (one ordered-set search per pool)."""
         with self._lock:
+            self._free_queued()
             self._check_read()
             return self._cache_state(nbytes)
 
     def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:
         with self._lock:
+            self._free_queued()
             self._check_read()
             reserved = self._reserved.current if sample is None else sample.reserved_bytes
             return DeviceMemory(
@@ -193,6 +204,7 @@ class SimulatedBackend(CachingAllocator):
         with self._lock:
             if self._fail_empty_cache:
                 raise RuntimeError("simulated fault: empty_cache failed")
+            self._free_queued()
             self._release_cached_blocks()
 
     def reset_peak(self) -> None:
@@ -215,7 +227,24 @@ class SimulatedBackend(CachingAllocator):
             self._counters = dict.fromkeys(_COUNTERS, 0)
 
     def owns(self, tensor: torch.Tensor) -> bool:
-        return tensor.device == self._torch_device
+        """A tensor on the card's torch device, or a meta tensor that a :meth:`capture`
+        placed on the card."""
+        if tensor.device == self._torch_device:
+            return True
+        return tensor.is_meta and id(tensor.untyped_storage()) in self._charged
+
+    def capture(self, *, record: bool = False) -> Capture:
+        """A context manager inside which every tensor storage that PyTorch code creates on
+        the ``meta`` device is placed on this card by the caching allocator's rules, and freed
+        when the storage dies; views share their base's block; a request that does not fit
+        raises ``torch.OutOfMemoryError`` from the op that allocates. Outside it nothing
+        counts, and what was placed inside stays until it dies (a model loaded inside stays
+        resident). It follows the thread that entered it only. ``record=True``: the
+        capture's ``trace()`` gives the allocations and frees in order, to replay.
+        See app/backends/capture.py."""
+        from app.backends.capture import Capture
+
+        return Capture(self, record=record)
 
     # -- the simulated tensors --------------------------------------------------------------
 
@@ -230,6 +259,8 @@ class SimulatedBackend(CachingAllocator):
         if nbytes < 0:
             raise ValueError(f"cannot allocate a negative size: {nbytes}")
         with self._lock:
+            if self._dead:
+                self._free_queued()
             handle = next(self._ids)
             self._handles[handle] = self._malloc(nbytes) if nbytes else None
             return handle
@@ -238,6 +269,8 @@ class SimulatedBackend(CachingAllocator):
         """Free what ``allocate`` returned ``handle`` for, as dropping the last reference to a
         tensor does; ``ValueError`` for an unknown or already freed handle."""
         with self._lock:
+            if self._dead:
+                self._free_queued()
             if handle not in self._handles:
                 raise ValueError(f"unknown or already freed handle {handle}")
             block = self._handles.pop(handle)
@@ -250,6 +283,7 @@ class SimulatedBackend(CachingAllocator):
         """``torch.cuda.memory_stats()``: the same flat keys (``allocated_bytes.all.current``,
         ``inactive_split_bytes.large_pool.peak``, ``num_alloc_retries``, ...)."""
         with self._lock:
+            self._free_queued()
             return _flatten_stats(self._stats, self._plain, self._counters,
                                   self._settings.max_split_size_bytes)
 
@@ -258,6 +292,7 @@ class SimulatedBackend(CachingAllocator):
         ``device_traces`` (events, when history is recorded) and ``allocator_settings``. An
         expandable segment is reported as one segment per mapped range, as PyTorch does."""
         with self._lock:
+            self._free_queued()
             segments = []
             for seg in sorted(self._segments.values(), key=lambda s: s.address):
                 segments.extend(_segment_dicts(seg))
@@ -270,6 +305,23 @@ class SimulatedBackend(CachingAllocator):
                 "device_free_bytes": max(0, self._total - self._context
                                          - self._reserved.current),
             }
+
+    # -- storages that died (capture) --------------------------------------------------------
+
+    def _free_later(self, handle: int) -> None:
+        self._dead.append(handle)  # atomic: safe from a finalizer, with or without the lock
+
+    def _free_queued(self) -> None:
+        """Free the blocks of the storages that died; the lock is held."""
+        dead = self._dead
+        while dead:
+            block = self._handles.pop(dead.popleft(), None)
+            if block is not None:
+                self._free_block(block)
+
+    def _free_queued_now(self) -> None:
+        with self._lock:
+            self._free_queued()
 
     # -- fault injection (called with the lock held) ---------------------------------------
 

@@ -16,20 +16,13 @@ def module_bytes(module: torch.nn.Module, owns: Callable[[torch.Tensor], bool]) 
     """Sum the unique storages of ``module``'s parameters and buffers for which ``owns`` holds.
 
     Storages, not tensors: tied weights and views share one storage and are counted once,
-    and a view's whole storage is what the allocator holds.
+    and a view's whole storage is what the allocator holds. A storage is known by its
+    identity, not its ``data_ptr()``: every meta storage has data pointer 0. PyTorch keeps one
+    Python object per live storage, and ``held`` keeps each alive, so no id is reused.
     """
-    seen: set[tuple[torch.device, int]] = set()
-    total = 0
+    held: dict[int, torch.UntypedStorage] = {}
     for t in _tensors(module):
-        if not owns(t):
-            continue
-        storage = t.untyped_storage()
-        nbytes = storage.nbytes()
-        if nbytes == 0:
-            continue
-        key = (t.device, storage.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += nbytes
-    return total
+        if owns(t):
+            storage = t.untyped_storage()
+            held.setdefault(id(storage), storage)
+    return sum(storage.nbytes() for storage in held.values())

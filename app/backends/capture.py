@@ -1,0 +1,205 @@
+"""Real PyTorch code on the simulated card: every storage that code creates on the ``meta``
+device is placed by the caching allocator's rules and freed when the storage dies.
+
+PyTorch runs model code on ``meta`` with real shapes and dtypes and no memory, so a Flux
+forward pass makes its few thousand real allocations in real order, and the simulated card
+holds them as a 12 GB card's allocator would. How storages are followed is PyTorch's own
+way, as ``torch.distributed._tools.mem_tracker`` does it: a ``TorchDispatchMode`` sees each
+op's outputs, and a weak reference to each output's ``UntypedStorage`` (whose Python object
+PyTorch preserves while the storage lives) says when the storage dies. Three rules of this
+module differ from mem_tracker, which counts what a whole program holds:
+
+* A storage is *charged* when an op inside the capture returns it and none of that op's
+  inputs holds it: views (``aten.t``, ``view``), in-place and ``out=`` results share a block
+  already placed, or one from before the capture, which is never charged.
+* A charged storage whose size changes (``resize_``, an ``out=`` that grows its output) is
+  placed again, as ``resize_bytes_cuda`` allocates a new block, copies, and frees the old.
+  mem_tracker also patches ``UntypedStorage.resize_``, which no dispatch mode sees; model code
+  resizes through ``Tensor.resize_`` and ``out=``, which it does see, so this module patches
+  nothing global.
+* A storage's death does not free its block at once: the weak reference's callback may run
+  inside the garbage collector while the card's lock is held on this very thread, where
+  freeing would deadlock. It queues the block; the card frees the queue before its next read
+  or allocation (``SimulatedBackend._free_queued``), so every figure the monitor reads is
+  exact.
+
+A capture follows the thread that entered it only: PyTorch keeps dispatch modes per thread,
+so a tensor made on a worker thread is not charged (enter ``capture()`` on that thread too).
+Storages charged inside a capture stay on the card after it ends, until they die: a model
+loaded inside one stays resident.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if TYPE_CHECKING:
+    from app.backends.simulated import SimulatedBackend
+
+_META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class AllocationTrace:
+    """The allocations and frees one capture made, in order, for replaying without the model
+    code: an event ``n >= 0`` allocates ``n`` bytes (the i-th such event is allocation ``i``),
+    ``n < 0`` frees allocation ``~n``. ``marks`` names where each part begins (``mark()``):
+    ``(name, index of its first event)``. Allocations still live at the end are what the
+    captured code kept (its outputs)."""
+
+    events: tuple[int, ...]
+    marks: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def allocations(self) -> int:
+        return sum(1 for e in self.events if e >= 0)
+
+    def parts(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """``(name, events)`` for each marked part, in order; events before the first mark
+        are a part named ``""``."""
+        bounds = list(self.marks)
+        if not bounds or bounds[0][1] > 0:
+            bounds.insert(0, ("", 0))
+        for (name, start), (_, end) in zip(bounds, [*bounds[1:], ("", len(self.events))],
+                                           strict=True):
+            yield name, self.events[start:end]
+
+    def peak_bytes(self) -> int:
+        """The most requested bytes live at once over the trace (before the allocator's
+        rounding)."""
+        sizes: list[int] = []
+        live = peak = 0
+        for e in self.events:
+            if e >= 0:
+                sizes.append(e)
+                live += e
+                peak = max(peak, live)
+            else:
+                live -= sizes[~e]
+        return peak
+
+
+class _Charge:
+    """One charged storage: the card's handle for its block, the size placed, and the weak
+    reference that frees it."""
+
+    __slots__ = ("handle", "index", "nbytes", "ref")
+
+    def __init__(self, handle: int, nbytes: int, index: int) -> None:
+        self.handle = handle
+        self.nbytes = nbytes
+        self.index = index
+        self.ref: weakref.ref[torch.UntypedStorage] | None = None
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    # An op's arguments and results are tensors, or (nested) lists and tuples of them.
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class Capture(TorchDispatchMode):
+    """The context manager ``SimulatedBackend.capture()`` returns; see the module docstring.
+
+    ``record=True`` keeps the allocations and frees in order; :meth:`trace` returns them.
+    """
+
+    def __init__(self, card: SimulatedBackend, *, record: bool = False) -> None:
+        super().__init__()
+        self._card = card
+        # id(storage) -> charge, while it lives: the card's, shared by all its captures, so
+        # that a storage is charged once however many captures see it.
+        self._charged: dict[int, _Charge] = card._charged
+        self._events: list[int] | None = [] if record else None
+        self._marks: list[tuple[str, int]] = []
+        self._allocations = 0
+        self._recording = record
+
+    # -- what a caller sees -------------------------------------------------------------
+
+    def mark(self, name: str) -> None:
+        """Begin a named part of the trace (a stage); a no-op unless recording."""
+        if self._events is not None:
+            self._marks.append((name, len(self._events)))
+
+    def trace(self) -> AllocationTrace:
+        if self._events is None:
+            raise RuntimeError("capture(record=True) records a trace; this one did not")
+        return AllocationTrace(tuple(self._events), tuple(self._marks))
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._recording = False  # frees after the end are the outputs being dropped
+        self._card._free_queued_now()
+
+    # -- the dispatch -----------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs: set[int] | None = None
+        for t in _tensors(out):
+            if t.device != _META:
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            charge = self._charged.get(key)
+            nbytes = storage.nbytes()
+            if charge is None:
+                if inputs is None:
+                    inputs = {id(i.untyped_storage()) for i in _tensors((args, kwargs))
+                              if i.device == _META}
+                if key in inputs:
+                    continue  # a view or in-place result of a storage from before the capture
+                self._charge(storage, key, nbytes)
+            elif charge.nbytes != nbytes:
+                self._replace(storage, key, charge, nbytes)
+        return out
+
+    def _charge(self, storage: torch.UntypedStorage, key: int, nbytes: int) -> None:
+        # The card raises torch.OutOfMemoryError here, from inside the op that allocated.
+        handle = self._card.allocate(nbytes)
+        charge = _Charge(handle, nbytes, self._allocations)
+        self._allocations += 1
+        if self._events is not None:
+            self._events.append(nbytes)
+        charge.ref = weakref.ref(storage, self._died(key, charge))
+        self._charged[key] = charge
+
+    def _replace(self, storage: torch.UntypedStorage, key: int, old: _Charge,
+                 nbytes: int) -> None:
+        self._forget(key, old)
+        self._charge(storage, key, nbytes)  # the new block first, as resize_bytes_cuda copies
+        self._release(old)
+
+    def _died(self, key: int, charge: _Charge):  # type: ignore[no-untyped-def]
+        def callback(_ref: object) -> None:
+            self._forget(key, charge)
+            self._release(charge)
+        return callback
+
+    def _forget(self, key: int, charge: _Charge) -> None:
+        if self._charged.get(key) is charge:
+            del self._charged[key]
+        charge.ref = None
+
+    def _release(self, charge: _Charge) -> None:
+        # Possibly inside the garbage collector, with the card's lock held: only queue.
+        if self._events is not None and self._recording:
+            self._events.append(~charge.index)
+        self._card._free_later(charge.handle)
+
+
+__all__ = ["AllocationTrace", "Capture"]

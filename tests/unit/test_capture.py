@@ -1,0 +1,233 @@
+"""SimulatedBackend.capture(): real PyTorch code on the meta device, placed on the simulated
+card by the caching allocator's rules."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+from app import SimulatedBackend, VRAMMonitor
+from app.backends.alloc_conf import MIN_BLOCK
+from app.backends.capture import AllocationTrace
+
+GB = 1_000_000_000
+MiB = 1 << 20
+
+
+def _encoder(layers: int = 4, width: int = 256) -> torch.nn.Module:
+    with torch.device("meta"):
+        layer = torch.nn.TransformerEncoderLayer(width, 8, 4 * width, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _rounded(nbytes: int) -> int:
+    return max(MIN_BLOCK, (nbytes + MIN_BLOCK - 1) // MIN_BLOCK * MIN_BLOCK)
+
+
+def test_a_module_built_inside_is_resident_at_its_parameter_bytes(card: SimulatedBackend):
+    with card.capture():
+        module = _encoder()
+    params = list(module.parameters())
+    allocated = card.sample().allocated_bytes
+    # within the allocator's 512-byte rounding of each parameter, and never below
+    assert _param_bytes(module) <= allocated <= sum(
+        _rounded(p.numel() * p.element_size()) for p in params)
+    assert allocated > 0
+
+
+def test_register_model_counts_a_meta_module_by_storage_identity(card: SimulatedBackend):
+    monitor = VRAMMonitor(backend=card)
+    with card.capture():
+        module = _encoder()
+    # every meta storage has data_ptr() 0: de-duplicating by it counted one tensor
+    assert monitor.register_model("kokoro", module) == _param_bytes(module)
+
+
+def test_track_model_load_measures_a_model_built_inside(card: SimulatedBackend):
+    monitor = VRAMMonitor(backend=card)
+    with monitor.track_model_load("clip_b"), card.capture():
+        module = _encoder()
+    (record,) = monitor.models()
+    assert record.vram_bytes == card.sample().allocated_bytes >= _param_bytes(module)
+
+
+def test_nothing_counts_outside_a_capture(card: SimulatedBackend):
+    with torch.device("meta"):
+        module = torch.nn.Linear(4096, 4096)
+    out = module(torch.empty(8, 4096, device="meta"))
+    assert out.shape == (8, 4096)
+    assert card.sample().allocated_bytes == 0
+    assert VRAMMonitor(backend=card).register_model("outside", module) == 0
+
+
+def test_storages_from_before_the_capture_are_never_charged(card: SimulatedBackend):
+    with torch.device("meta"):
+        module = torch.nn.Linear(1024, 1024)
+    with card.capture():
+        # aten.t of the weight is the first sight of its storage: a view, not a new block
+        weight_t = module.weight.t()
+        module.weight.data.mul_(2)
+    assert weight_t.untyped_storage().nbytes() == 1024 * 1024 * 4
+    assert card.sample().allocated_bytes == 0
+
+
+def test_views_cost_nothing(card: SimulatedBackend):
+    with card.capture():
+        base = torch.empty(1024, 1024, device="meta")
+        after_base = card.sample().allocated_bytes
+        views = [base.t(), base.view(-1), base[:10], base.unsqueeze(0), base.transpose(0, 1)]
+        base.add_(1)
+    assert after_base == 1024 * 1024 * 4
+    assert card.sample().allocated_bytes == after_base
+    del base
+    assert card.sample().allocated_bytes == after_base  # the views hold the block
+    del views
+    assert card.sample().allocated_bytes == 0
+
+
+def test_a_forward_pass_has_a_real_peak_and_leaves_nothing_behind(card: SimulatedBackend):
+    with card.capture():
+        module = _encoder()
+    resident = card.sample().allocated_bytes
+    card.reset_peak()
+    x_bytes = 4 * 257 * 256 * 4
+    with torch.no_grad(), card.capture(record=True) as capture:
+        x = torch.empty(4, 257, 256, device="meta")
+        y = module(x)
+        assert card.sample().allocated_bytes == resident + x_bytes + y.untyped_storage().nbytes()
+        del x, y
+    sample = card.sample()
+    assert sample.allocated_bytes == resident
+    # the activations of a layer: the feed-forward's [4, 257, 1024] fp32 at least
+    assert sample.peak_allocated_bytes - resident >= 4 * 257 * 1024 * 4 + x_bytes
+    trace = capture.trace()
+    assert trace.allocations > 50  # thousands of tensors on a real model: here, tens
+    # the trace holds the requests, the card their 512-byte rounding
+    assert 0 <= sample.peak_allocated_bytes - resident - trace.peak_bytes() < 512 * 8
+
+
+def test_an_oom_comes_from_the_op_that_allocates():
+    card = SimulatedBackend(1 * GB)
+    with card.capture():
+        keep = torch.empty(600 * MiB, dtype=torch.uint8, device="meta")
+        a = torch.empty(300 * MiB, dtype=torch.uint8, device="meta")
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate") as info:
+            torch.cat([a, a])  # 600 MiB more: the cat's output
+        assert any(frame.name == "test_an_oom_comes_from_the_op_that_allocates"
+                   for frame in info.traceback)
+    assert card.sample().allocated_bytes == 900 * MiB
+    assert card.sample().num_ooms == 1
+    del keep, a, info  # the traceback holds the op's inputs, as it would on a real card
+    assert card.sample().allocated_bytes == 0
+
+
+def test_a_storage_that_grows_is_placed_again(card: SimulatedBackend):
+    with card.capture(record=True) as capture:
+        t = torch.empty(0, device="meta")  # zero bytes: tracked, since resize_ can grow it
+        assert card.sample().allocated_bytes == 0
+        t.resize_(1 << 20)
+        assert card.sample().allocated_bytes == 4 << 20
+        out = torch.empty(0, device="meta")
+        torch.add(torch.ones(1 << 18, device="meta"), 1, out=out)
+        assert card.sample().allocated_bytes == (4 << 20) + (1 << 20)  # out grew; ones died
+    del t, out
+    assert card.sample().allocated_bytes == 0
+    assert capture.trace().allocations == 5  # t, t grown, out, ones, out grown
+
+
+def test_a_storage_dying_inside_the_collector_with_the_lock_held_does_not_deadlock(
+        card: SimulatedBackend):
+    with card.capture():
+        cycle: list[object] = [torch.empty(MiB, dtype=torch.uint8, device="meta")]
+        cycle.append(cycle)  # only the garbage collector frees it
+    del cycle
+    assert card.sample().allocated_bytes == MiB
+    # the collector runs while the card's lock is held on this thread, as it can inside
+    # any allocation; the death is queued, not freed there
+    done = threading.Event()
+
+    def collect_with_lock_held() -> None:
+        with card._lock:
+            gc.collect()
+        done.set()
+
+    worker = threading.Thread(target=collect_with_lock_held, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done.is_set(), "deadlocked: a finalizer freed with the lock held"
+    assert card.sample().allocated_bytes == 0  # the queue is freed before the next read
+
+
+def test_a_capture_follows_only_its_own_thread(card: SimulatedBackend):
+    made: list[torch.Tensor] = []
+    with card.capture():
+        worker = threading.Thread(
+            target=lambda: made.append(torch.empty(MiB, dtype=torch.uint8, device="meta")))
+        worker.start()
+        worker.join()
+        assert card.sample().allocated_bytes == 0  # documented: dispatch modes are per thread
+        mine = torch.empty(MiB, dtype=torch.uint8, device="meta")
+    assert card.sample().allocated_bytes == MiB
+    del mine
+
+
+def test_two_captures_charge_a_storage_once(card: SimulatedBackend):
+    with card.capture(), card.capture():
+        t = torch.empty(MiB, dtype=torch.uint8, device="meta")
+    assert card.sample().allocated_bytes == MiB
+    del t
+    assert card.sample().allocated_bytes == 0
+
+
+def test_the_guards_and_generations_see_a_captured_forward(card: SimulatedBackend):
+    monitor = VRAMMonitor(backend=card)
+    with monitor.track_model_load("encoder"), card.capture():
+        module = _encoder()
+    with torch.no_grad(), card.capture(), monitor.generation(1) as record:
+        with monitor.stage("encode"):
+            monitor.check_allocation(64 * MiB, "encode")
+            y = module(torch.empty(2, 128, 256, device="meta"))
+            monitor.check_limits("encode")
+        del y
+    assert record.delta_bytes == 0
+    assert record.peak_bytes > card.sample().allocated_bytes
+
+
+def test_a_trace_replays_to_the_same_peak():
+    recorder, player = SimulatedBackend(12 * GB), SimulatedBackend(12 * GB)
+    with recorder.capture():
+        module = _encoder()
+    resident = recorder.sample().allocated_bytes
+    recorder.reset_peak()
+    with torch.no_grad(), recorder.capture(record=True) as capture:
+        capture.mark("first")
+        y = module(torch.empty(2, 64, 256, device="meta"))
+        capture.mark("second")
+        z = module(y)
+        del y
+    trace = capture.trace()
+    assert [name for name, _ in trace.parts()] == ["first", "second"]
+    handles: list[int] = []
+    for event in trace.events:
+        if event >= 0:
+            handles.append(player.allocate(event))
+        else:
+            player.free(handles[~event])
+    assert player.sample().allocated_bytes == recorder.sample().allocated_bytes - resident
+    assert player.sample().peak_allocated_bytes == (
+        recorder.sample().peak_allocated_bytes - resident)
+    del z
+
+
+def test_a_trace_knows_its_parts():
+    trace = AllocationTrace((10, 20, ~0, 5, ~1), (("a", 0), ("b", 3)))
+    assert list(trace.parts()) == [("a", (10, 20, ~0)), ("b", (5, ~1))]
+    assert trace.allocations == 3
+    assert trace.peak_bytes() == 30
