@@ -4,7 +4,8 @@ The configs are FLUX.1-schnell's published ``transformer/config.json`` and ``vae
 (black-forest-labs/FLUX.1-schnell), written out so nothing is downloaded. Schnell, not dev: the
 Director makes one image per slot and wants it quickly; schnell is distilled for 1-4 steps without
 guidance (``guidance_embeds=False``), where dev needs ~28 guided steps. The two share every
-weight shape except dev's guidance embedder (~0.26M more parameters through two 3072-wide Linears).
+weight shape except dev's guidance embedder (two Linears, 256->3072->3072: 10,229,760 parameters
+more, ~5.3 MB packed).
 
 The transformer is built in bf16 (the default dtype is switched while it is constructed, as
 ``from_pretrained(torch_dtype=torch.bfloat16)`` builds it; never fp32 first, which would be 47.6 GB
@@ -167,7 +168,11 @@ def denoise_step(
 
 def vae_decode(vae: nn.Module, *, height: int = 1024, width: int = 1024, batch: int = 1
                ) -> torch.Tensor:
-    """FluxPipeline's final decode on meta; returns the ``[batch, 3, height, width]`` image."""
+    """FluxPipeline's final decode on meta; returns the ``[batch, 3, height, width]`` image.
+
+    The latents start as the pipeline has them after ``_unpack_latents`` (whose 0.5 MB copy at
+    1024x1024 is not modelled), then are unscaled and shifted as the pipeline does.
+    """
     _check_size(height, width, batch)
     with torch.no_grad():
         shape = (batch, vae.config.latent_channels, height // _VAE_SCALE, width // _VAE_SCALE)
