@@ -10,6 +10,8 @@ import weakref
 
 import pytest
 import torch
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -45,8 +47,26 @@ def state_bytes(module: torch.nn.Module, float_size: int) -> int:
     )
 
 
+def derived_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the weights that weight-norm / spectral-norm hooks hold outside the state.
+
+    Both legacy hooks (``torch.nn.utils.weight_norm``, ``spectral_norm``) recompute ``weight``
+    before every forward and leave it on the module as a plain attribute: device memory that
+    ``parameters()`` and ``buffers()`` do not show.
+    """
+    state = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
+    derived = {}
+    for mod in module.modules():
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm | SpectralNorm):
+                storage = getattr(mod, hook.name).untyped_storage()
+                if storage._cdata not in state:
+                    derived[storage._cdata] = storage.nbytes()
+    return sum(derived.values())
+
+
 class NewStorages(TorchDispatchMode):
-    """Counts the storages the ops create and the peak of their live bytes.
+    """Counts the meta storages the ops create and the peak of their live bytes.
 
     An output whose storage is among the op's inputs' is a view or an in-place result, not new.
     A storage's end is seen by ``weakref.finalize`` on it: PyTorch keeps one Python object per
@@ -71,7 +91,8 @@ class NewStorages(TorchDispatchMode):
             if isinstance(t, torch.Tensor)
         }
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
+            # the CPU-side bookkeeping (lengths, durations) is not device memory
+            if not isinstance(t, torch.Tensor) or not t.is_meta:
                 continue
             storage = t.untyped_storage()
             if storage._cdata in seen:
@@ -154,6 +175,27 @@ def test_kokoro_is_82m_parameters_resident_in_fp32_on_meta(kokoro):
     assert all(p.is_meta and p.dtype == torch.float32 for p in params)
     buffer_bytes = sum(b.numel() * b.element_size() for b in kokoro.buffers())
     assert resident_bytes(kokoro) == 4 * n + buffer_bytes
+
+
+def test_liveportrait_holds_spectral_norm_weights_once_it_has_run():
+    model = lp.build()
+    sn = [m for m in model.modules() if hasattr(m, "weight_orig")]
+    assert len(sn) == 18  # conv_0 and conv_1 of G's 8 SPADE blocks, conv_s of the 2 that narrow
+    assert derived_weight_bytes(model) == 0  # until a forward, weight is weight_orig's data
+    lp.animate(model, frames=1)
+    assert derived_weight_bytes(model) == 2 * sum(m.weight_orig.numel() for m in sn)
+
+
+def test_kokoro_holds_its_weight_norm_weights_from_the_build(kokoro):
+    wn = [m for m in kokoro.modules() if hasattr(m, "weight_g")]
+    expected = 4 * sum(m.weight_v.numel() for m in wn)
+    assert derived_weight_bytes(kokoro) == expected  # ~0.23 GB beside the 0.33 GB of state
+    with NewStorages() as track:
+        audio = kk.speak(kokoro, seconds=0.5)
+    del audio
+    # each forward replaces them, it does not add to them
+    assert derived_weight_bytes(kokoro) == expected
+    assert track.live == expected
 
 
 # ---- forwards -----------------------------------------------------------------------------------
