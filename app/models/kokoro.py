@@ -18,6 +18,15 @@ What it assumes:
   calls ``torch._refs.istft``, PyTorch's own decomposition of istft (irfft, window, overlap-add
   by ``unfold_backward``, division by the window envelope): same output, about the same
   temporaries as the native kernel.
+* memory beside the state dict: kokoro uses the legacy ``torch.nn.utils.weight_norm``, which
+  computes each of its 89 convolutions' ``weight`` from ``weight_g``/``weight_v`` at construction
+  and again before every forward, and keeps it as a plain attribute: 230,545,200 bytes (fp32)
+  that ``parameters()``/``buffers()`` do not list. Built on meta they exist from the build; a
+  real ``KModel(...).to("cuda")`` moves only parameters and buffers, so on the card they appear
+  at the first forward and stay.
+* speed: on meta, ``nn.LSTM`` has no fused kernel and runs PyTorch's per-time-step decomposition
+  (in Python), which is most of :func:`speak`'s time; the predictor's ``shared`` LSTM runs over
+  the alignment frames.
 * audio timing, from the networks: one alignment frame is 600 samples at 24 kHz (the predictor's
   F0/N and the decoder's last block upsample 2x, the generator 10x6, the iSTFT hop is 5), so
   40 frames/s. Text is ``PHONEMES_PER_SECOND`` phonemes a second (conversational English is
