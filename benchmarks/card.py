@@ -11,9 +11,14 @@ from app.demo.workload import CudaDevice, Device
 CARD_BYTES = 12e9
 
 
-def make_card(simulate: bool) -> tuple[MemoryBackend, Device, str]:
+def make_card(simulate: bool, workload: str = "synthetic"
+              ) -> tuple[MemoryBackend, Device, str]:
     """(backend, device, description). On CUDA the per-process memory fraction makes the
-    real allocator refuse past ~12 GB, whatever the GPU's size."""
+    real allocator refuse past ~12 GB, whatever the GPU's size. ``workload="models"``: the
+    five real architectures, on the simulated card (they are built on meta)."""
+    if workload == "models":
+        backend, device = make_backend("simulated", workload="models")
+        return backend, device, "simulated 12 GB RTX 3060, real models"
     if simulate or not torch.cuda.is_available():
         backend, device = make_backend("simulated")
         return backend, device, "simulated 12 GB RTX 3060"

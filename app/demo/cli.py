@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "cuda: insist on a GPU (default: VORTEX_BACKEND, else auto)")
     ap.add_argument("--simulate", action="store_const", const="simulated", dest="backend",
                     help="same as --backend simulated")
+    ap.add_argument("--workload", choices=["synthetic", "models"], default="synthetic",
+                    help="synthetic (default): light stand-ins of the task card's sizes; "
+                    "models: the five real architectures (Flux, LivePortrait, Kokoro, CLIP-B, "
+                    "CLIP-L) built on the meta device and run on the simulated card (needs "
+                    "the optional extra: pip install -e '.[models]')")
     ap.add_argument("--host", help="control plane address (VORTEX_HOST, default 127.0.0.1)")
     ap.add_argument("--port", type=int, help="control plane port (VORTEX_PORT, default 8000)")
     tokens = ap.add_mutually_exclusive_group()
@@ -104,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         director = Director(settings, backend=args.backend, slot_seconds=args.slot_seconds,
                             work_ms=args.work_ms, pressure_every=args.pressure_every,
-                            leak_mb=args.leak_mb, seed=args.seed, admission=args.admission)
-    except (VortexInitializationError, ValueError) as exc:
+                            leak_mb=args.leak_mb, seed=args.seed, admission=args.admission,
+                            workload=args.workload)
+    except (VortexInitializationError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     kind = "simulated 12 GB RTX 3060" if director.simulated else director.backend.device
+    if args.workload == "models":
+        kind += ", the five real architectures on meta"
     url = director.control_plane.url
     print(f"Vortex Director running on {kind}. Control plane: {url}\n"
           f"  curl {url}/vram/snapshot\n  curl {url}/vram/models\n  curl {url}/metrics\n"

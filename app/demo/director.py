@@ -15,7 +15,7 @@ from app.backends import MemoryBackend, SimulatedBackend
 from app.backends import make_backend as make_memory_backend
 from app.config import Settings
 from app.demo.slots import SlotResult, run_slot
-from app.demo.workload import MB, MODELS, CudaDevice, Device, SimulatedDevice, plan_slot
+from app.demo.workload import MB, MODELS, CudaDevice, Device, SimulatedDevice
 from app.guards import install_monitor
 from app.monitor import VRAMMonitor
 
@@ -36,11 +36,17 @@ class DirectorStats:
         return self.outcomes["skipped"] + self.outcomes["aborted"]
 
 
+WORKLOADS = ("synthetic", "models")
+
+
 def make_backend(
-    kind: str | None = None, settings: Settings | None = None
+    kind: str | None = None, settings: Settings | None = None, workload: str = "synthetic"
 ) -> tuple[MemoryBackend, Device]:
     """The backend ``kind`` names (default: ``settings.backend``, ``VORTEX_BACKEND``) on
-    ``settings.device``, and the demo's device that allocates on it."""
+    ``settings.device``, and the demo's device that allocates on it: the synthetic workload,
+    or (``workload="models"``, the simulated card only) the five real architectures."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     index = 0 if settings is None else settings.device
     history = {} if settings is None else {
         "memory_history": settings.memory_history,
@@ -48,7 +54,16 @@ def make_backend(
         "max_dumps": settings.memory_history_max_dumps,
     }
     kind = kind or (settings.backend if settings is not None else "auto")
+    if workload == "models":
+        if kind not in ("auto", "simulated"):
+            raise ValueError("--workload models runs on the simulated card only (its models "
+                             "are built on the meta device): use --backend simulated")
+        kind = "simulated"
     backend = make_memory_backend(kind, device=index, **history)
+    if workload == "models":
+        from app.demo.real_models import ModelsDevice  # the optional extra: imported late
+
+        return backend, ModelsDevice(backend)
     if isinstance(backend, SimulatedBackend):
         return backend, SimulatedDevice(backend)
     return backend, CudaDevice(index)
@@ -66,10 +81,12 @@ class Director:
         leak_mb: float = 0.0,
         seed: int | None = None,
         admission: bool = True,
+        workload: str = "synthetic",
     ) -> None:
         self.settings = settings
         self.admission = admission
-        self.backend, self.device = make_backend(backend, settings)
+        self.workload = workload
+        self.backend, self.device = make_backend(backend, settings, workload)
         self.simulated = isinstance(self.backend, SimulatedBackend)
         self.monitor = VRAMMonitor.from_settings(settings, backend=self.backend)
         self.slot_seconds = slot_seconds
@@ -94,6 +111,9 @@ class Director:
             with self.monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
                 self.device.load(spec)
         self.monitor.log_snapshot("post_load")
+        warm = getattr(self.device, "warm", None)
+        if warm is not None:
+            warm()  # the real models trace their stages before the first slot
 
     def run(self, generations: int | None = None) -> DirectorStats:
         slot = 0
@@ -111,7 +131,7 @@ class Director:
     def run_slot(self, slot: int) -> SlotResult:
         """Admission, then the stages; the outcome is logged by ``run_slot`` and counted here
         and in the monitor's ``slot_outcomes``."""
-        plan = plan_slot(self.rng, self.pressure_every)
+        plan = self.device.plan(self.rng, self.pressure_every)
         result = run_slot(self.monitor, self.device, slot, plan, admission=self.admission,
                           fit=self.admission, work=self._work if self.work_s else None,
                           keep_bytes=self.leak_bytes)

@@ -71,7 +71,9 @@ def run_slot(
                     else:
                         got = want
                         monitor.check_allocation(want, context)
-                    with device.activation(got):
+                    # a stage the guards shrank runs at that share of the slot's scale
+                    at = scale * got / want if want else scale
+                    with device.run_stage(stage, got, at, plan):
                         monitor.check_limits(context)
                         if stage == plan.unguarded_stage and plan.unguarded_bytes:
                             with device.activation(int(plan.unguarded_bytes * scale)):

@@ -47,10 +47,30 @@ class Device(Protocol):
     @contextmanager
     def activation(self, nbytes: int) -> Iterator[None]: ...
 
+    @contextmanager
+    def run_stage(self, stage: str, nbytes: int, scale: float,
+                  plan: SlotPlan) -> Iterator[None]: ...
+
+    def plan(self, rng: random.Random, pressure_every: int) -> SlotPlan: ...
+
     def keep(self, nbytes: int) -> None: ...
 
 
-class SimulatedDevice:
+class _ActivationStages:
+    """The synthetic workload's stage: one activation (the device's) of the bytes the guards
+    granted."""
+
+    @contextmanager
+    def run_stage(self, stage: str, nbytes: int, scale: float,
+                  plan: SlotPlan) -> Iterator[None]:
+        with self.activation(nbytes):  # type: ignore[attr-defined]
+            yield
+
+    def plan(self, rng: random.Random, pressure_every: int) -> SlotPlan:
+        return plan_slot(rng, pressure_every)
+
+
+class SimulatedDevice(_ActivationStages):
     """Allocations on a ``SimulatedBackend``, in tensor-sized pieces as real weights would be."""
 
     def __init__(self, backend: SimulatedBackend) -> None:
@@ -77,7 +97,7 @@ class SimulatedDevice:
         self._kept.append(self.backend.allocate(nbytes))
 
 
-class CudaDevice:
+class CudaDevice(_ActivationStages):
     """Real fp16 modules and tensors on a CUDA device."""
 
     def __init__(self, index: int = 0) -> None:
@@ -120,6 +140,7 @@ class SlotPlan:
     pressure: bool
     unguarded_stage: str | None = None
     unguarded_bytes: int = 0
+    shape: object = None  # what the slot makes, for a device that runs real stages
 
 
 def plan_slot(rng: random.Random, pressure_every: int) -> SlotPlan:

@@ -29,6 +29,18 @@ class _Stat:
     def __init__(self) -> None:
         self.current = self.peak = self.allocated = self.freed = 0
 
+    def up(self, amount: int) -> None:
+        """``add`` of an amount >= 0, for the hot path."""
+        current = self.current = self.current + amount
+        self.allocated += amount
+        if current > self.peak:
+            self.peak = current
+
+    def down(self, amount: int) -> None:
+        """``add(-amount)`` for an amount >= 0, for the hot path."""
+        self.current -= amount
+        self.freed += amount
+
     def add(self, amount: int) -> None:
         if amount >= 0:
             self.current += amount
@@ -87,7 +99,7 @@ class _Block:
 
 
 class _Pool:
-    __slots__ = ("free", "gc_calls", "index", "small", "unmapped")
+    __slots__ = ("free", "gc_calls", "index", "moved", "small", "unmapped")
 
     def __init__(self, small: bool) -> None:
         self.small = small
@@ -95,3 +107,6 @@ class _Pool:
         self.free: SortedList = SortedList()  # (size, address) of free, mapped blocks
         self.unmapped: SortedList = SortedList()  # addresses of unmapped blocks (expandable)
         self.gc_calls = 0  # get_free_block calls, the age clock of garbage collection
+        # The (all, this pool) stats of allocation, allocated_bytes, active, active_bytes and
+        # requested_bytes, which every malloc and free moves: set by the allocator.
+        self.moved: tuple[_Stat, ...] = ()

@@ -25,6 +25,9 @@ from app.backends.allocator.expandable import _ExpandableSegments
 from app.backends.allocator.reports import _oom_message, _python_frames
 from app.backends.base import CacheState, OutOfMemoryError
 
+# The stats every malloc and free moves, in the order of _Pool.moved.
+_MOVED = ("allocation", "allocated_bytes", "active", "active_bytes", "requested_bytes")
+
 _BASE_ADDRESS = 0x7F00_0000_0000  # where the simulated device's addresses start
 _ADDRESS_ALIGN = 2 << 20
 
@@ -57,6 +60,8 @@ class CachingAllocator(_ExpandableSegments):
             k: (_Stat(), _Stat(), _Stat()) for k in _BYTES_STATS + _COUNT_STATS}
         self._plain: dict[str, _Stat] = {k: _Stat() for k in _PLAIN_STATS}
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        for pool in (self._small, self._large):
+            pool.moved = tuple(self._stats[k][i] for k in _MOVED for i in (0, pool.index))
         # The hot path reads these four without a dict lookup.
         self._allocated = self._stats["allocated_bytes"][0]
         self._reserved = self._stats["reserved_bytes"][0]
@@ -201,11 +206,10 @@ class CachingAllocator(_ExpandableSegments):
             self._stat("inactive_split", pool, -1)
         block.allocated = True
         block.requested = requested
-        self._stat("allocation", pool, 1)
-        self._stat("allocated_bytes", pool, block.size)
-        self._stat("active", pool, 1)
-        self._stat("active_bytes", pool, block.size)
-        self._stat("requested_bytes", pool, requested)
+        size = block.size
+        n0, n1, b0, b1, a0, a1, ab0, ab1, r0, r1 = pool.moved
+        n0.up(1), n1.up(1), b0.up(size), b1.up(size), a0.up(1), a1.up(1)
+        ab0.up(size), ab1.up(size), r0.up(requested), r1.up(requested)
         if block.size >= self._settings.max_split_size_bytes:
             self._plain["oversize_allocations"].add(1)
         if self._history is not None:
@@ -232,11 +236,9 @@ class CachingAllocator(_ExpandableSegments):
             self._stat("inactive_split_bytes", pool, block.size)
             self._stat("inactive_split", pool, 1)
         block.gc_base = pool.gc_calls
-        self._stat("allocation", pool, -1)
-        self._stat("allocated_bytes", pool, -size)
-        self._stat("active", pool, -1)
-        self._stat("active_bytes", pool, -size)
-        self._stat("requested_bytes", pool, -requested)
+        n0, n1, b0, b1, a0, a1, ab0, ab1, r0, r1 = pool.moved
+        n0.down(1), n1.down(1), b0.down(size), b1.down(size), a0.down(1), a1.down(1)
+        ab0.down(size), ab1.down(size), r0.down(requested), r1.down(requested)
         if size >= self._settings.max_split_size_bytes:
             self._plain["oversize_allocations"].add(-1)
 
