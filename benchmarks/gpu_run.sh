@@ -102,6 +102,20 @@ fi
 step trace-compare 30 "$PY" "${trace[@]}" compare "$work/replay_sim.json" "$other" \
   --json "$OUT/trace_compare.json"
 
+# The real models' trace, ~15 s a card: five slots of the five real architectures (518,000
+# steps), recorded on the simulated card and committed, since the device lacks the `models`
+# extra (regenerate: trace_replay.py record --workload models --iterations 5 --out <it>).
+real=benchmarks/traces/real-models.json.gz
+step real-replay-sim 90 "$PY" "${trace[@]}" replay --simulate "$real" \
+  --out "$work/real_replay_sim.json"
+if [ "$cuda" = 1 ]; then
+  step real-replay-cuda 120 "$PY" "${trace[@]}" replay "$real" --out "$work/real_replay_cuda.json"
+  step real-compare 30 "$PY" "${trace[@]}" compare "$work/real_replay_sim.json" \
+    "$work/real_replay_cuda.json" --json "$work/real_trace_compare.json"
+else
+  skip real-replay-cuda "no CUDA"
+fi
+
 # ~15 s: an OOM inside generation() must leave a memory_viz dump that loads.
 cat >"$work/postmortem.py" <<'EOF'
 import pickle

@@ -1,13 +1,17 @@
 """Trace replay: record the stress workload's allocations once, replay them on any card, compare.
 
     python benchmarks/trace_replay.py record --iterations 1000 --out trace.json
+    python benchmarks/trace_replay.py record --workload models --iterations 20 --out real.json
     python benchmarks/trace_replay.py replay --simulate trace.json --out replay-sim.json
     python benchmarks/trace_replay.py replay trace.json --out replay-cuda.json
     python benchmarks/trace_replay.py compare replay-sim.json replay-cuda.json --json cmp.json
 
 ``record`` runs the workload of ``benchmarks/vram_stress_test.py`` (same flags, seed 0: models
 loaded in ~100 MB pieces, five stages a slot, guarded and unguarded spikes, the monitor's
-cleanups) on the simulated card and keeps every allocator call as one step. ``replay`` plays
+cleanups) on the simulated card and keeps every allocator call as one step; with
+``--workload models`` the five real architectures instead (app/models: each model's
+parameters as it loads, its warm-up forward, then every tensor of every stage of every slot,
+about 100,000 steps a slot), which is what gpu_run.sh replays on CUDA. ``replay`` plays
 the steps on the simulated card (``--simulate``) or on the first CUDA device through torch's
 caching allocator (one ``torch.empty(n, dtype=uint8)`` per allocation, ``del`` to free) and
 reads the allocator after each step. Both cards hold what the trace's ``card_bytes`` says
@@ -39,6 +43,7 @@ Replay file: ``oom_steps`` and, under ``samples``, one column per ``AllocatorSam
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -141,6 +146,12 @@ class TraceRecorder(SimulatedBackend):
         super().free(self._card_handles.pop(handle))
         self.trace.add(FREE, handle)
 
+    def _free_later(self, handle: int) -> None:
+        # A storage placed by capture() died (--workload models): a free at that moment,
+        # possibly from inside the garbage collector, so only appends and a queued free.
+        self.trace.add(FREE, handle)
+        super()._free_later(self._card_handles.pop(handle))
+
     def empty_cache(self) -> None:
         super().empty_cache()
         self.trace.add(EMPTY_CACHE)
@@ -157,14 +168,24 @@ def record(workload: dict[str, Any], card_bytes: int) -> Trace:
     then the slots, as the Director runs them) on a recording card."""
     trace = Trace(card_bytes, workload)
     recorder = TraceRecorder(card_bytes, trace)
-    device = SimulatedDevice(recorder)  # it only calls allocate/free, which are recorded
+    kind = workload.get("workload", "synthetic")
+    if kind == "models":
+        from app.demo.real_models import ModelsDevice
+
+        # the real models' stages replayed one allocator call at a time, so each is a step
+        device: Any = ModelsDevice(recorder, per_call=True)
+    else:
+        device = SimulatedDevice(recorder)  # it only calls allocate/free, which are recorded
     monitor = VRAMMonitor(backend=recorder, cleanup_cooldown_s=5.0, python_warnings=False)
     for spec in MODELS:
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
             device.load(spec)
+    if kind == "models":
+        device.warm()
     _, counts = vram_stress_test.stress(
         monitor, recorder, device, iterations=workload["iterations"], seed=workload["seed"],
-        spike_every=workload["spike_every"], unguarded_every=workload["unguarded_every"])
+        spike_every=workload["spike_every"], unguarded_every=workload["unguarded_every"],
+        workload=kind)
     if counts["escaped"]:
         raise RuntimeError("an OOM escaped generation() while recording")
     if not trace.ops:
@@ -347,10 +368,14 @@ def _write(path: Path, body: dict[str, Any]) -> None:
 def cmd_record(args: argparse.Namespace) -> int:
     workload = {"script": "benchmarks/vram_stress_test.py", "iterations": args.iterations,
                 "spike_every": args.spike_every, "unguarded_every": args.unguarded_every,
-                "seed": args.seed}
+                "seed": args.seed, "workload": args.workload}
     t0 = time.perf_counter()
     trace = record(workload, int(CARD_BYTES))
-    args.out.write_text(trace.to_json())
+    text = trace.to_json()
+    if args.out.suffix == ".gz":  # a real-model trace is ~1.2 MB a slot as JSON
+        args.out.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        args.out.write_text(text)
     counts = {op: trace.ops.count(op) for op in (ALLOC, FREE, EMPTY_CACHE)}
     print(f"trace of {args.iterations} slots: {len(trace.ops)} steps ({counts[ALLOC]} allocs, "
           f"{counts[FREE]} frees, {counts[EMPTY_CACHE]} empty_cache), "
@@ -361,6 +386,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     raw = args.trace.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip, as record writes a .gz
+        raw = gzip.decompress(raw)
     trace = Trace.from_json(raw.decode())
     try:
         card: Card = SimulatedCard(trace.card_bytes) if args.simulate else CudaCard(
@@ -426,6 +453,9 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--unguarded-every", type=int, default=50,
                      help="unguarded spike, 1 slot in K")
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--workload", choices=["synthetic", "models"], default="synthetic",
+                     help="models: the five real architectures (their loading, warm-up and "
+                     "every tensor of every stage); about 100,000 steps a slot")
     rec.add_argument("--out", type=Path, required=True, help="trace file to write")
     rec.set_defaults(run=cmd_record)
     rep = sub.add_parser("replay", help="replay a trace on CUDA (capped) or --simulate")

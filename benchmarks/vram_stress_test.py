@@ -3,6 +3,7 @@
     python benchmarks/vram_stress_test.py --simulate --iterations 1000 --plot stress.png
     python benchmarks/vram_stress_test.py --simulate --no-admission --json before.json
     python benchmarks/vram_stress_test.py --iterations 1000 --plot stress.png --json out.json
+    python benchmarks/vram_stress_test.py --workload models --iterations 300 --json real.json
 
 Every slot runs the five stages with typical activations; one in ``--spike-every`` (5)
 carries a guarded spike of 0.3-1.5 GB in flux (checked with check_allocation first: refused
@@ -20,11 +21,19 @@ size and a refused allocation aborts it. ``--no-fit`` / ``--fit`` measure the tw
 apart. The report counts slots completed full or degraded, skipped, aborted mid-
 slot (by the unguarded spikes, or otherwise), OOMs caught and escaped (must be 0), and the
 stage time wasted on slots aborted after all; the plot marks each slot's outcome.
+
+``--workload models``: the five real architectures on the simulated card (app/models, as
+``python -m app --workload models`` runs them). Every slot is the full-size slot of
+app/models/workload.py; the guarded spike (one in ``--spike-every``) is a slot that asks for
+twice the frames per LivePortrait batch (3.9 GB, which does not fit beside the models), and
+the unguarded one is the same 0.5-2.5 GB allocation in liveportrait. The draws keep their
+order, so a seed gives the same spikes on both workloads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -62,17 +71,28 @@ def draw_plan(rng: random.Random, spike_every: int, unguarded_every: int) -> Slo
                     unguarded_bytes=unguarded)
 
 
+def draw_models_plan(rng: random.Random, device: Device, spike_every: int,
+                     unguarded_every: int) -> SlotPlan:
+    """The real-model slot (``device.plan``: its spike is the doubled frame batch), with the
+    synthetic workload's unguarded spike in liveportrait."""
+    plan = device.plan(rng, spike_every)
+    unguarded = int(rng.uniform(0.5, 2.5) * GB) if rng.random() < 1 / unguarded_every else 0
+    return dataclasses.replace(plan, unguarded_stage="liveportrait" if unguarded else None,
+                               unguarded_bytes=unguarded)
+
+
 def stress(monitor: VRAMMonitor, backend: MemoryBackend, device: Device, *, iterations: int,
            seed: int = 0, spike_every: int = 5, unguarded_every: int = 50,
-           admission: bool = True, fit: bool = True,
-           progress: bool = True) -> tuple[list[dict], Counter]:
+           admission: bool = True, fit: bool = True, progress: bool = True,
+           workload: str = "synthetic") -> tuple[list[dict], Counter]:
     """Run the workload on a monitor whose models are loaded; one row per slot."""
     from tqdm import tqdm
 
     rng = random.Random(seed)
     rows, counts = [], Counter()
     for slot in tqdm(range(1, iterations + 1), desc="stress", unit="slot", disable=not progress):
-        plan = draw_plan(rng, spike_every, unguarded_every)
+        plan = (draw_models_plan(rng, device, spike_every, unguarded_every)
+                if workload == "models" else draw_plan(rng, spike_every, unguarded_every))
         try:
             result = run_slot(monitor, device, slot, plan, admission=admission, fit=fit)
             outcome, scale = result.outcome, result.scale
@@ -144,13 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--admission-window", type=int, help="default: the monitor's (100)")
     ap.add_argument("--admission-quantile", type=float, help="default: the monitor's (0.9)")
     ap.add_argument("--admission-margin", type=float, help="default: the monitor's (0.05)")
+    ap.add_argument("--workload", choices=["synthetic", "models"], default="synthetic",
+                    help="models: the five real architectures on the simulated card")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.fit is None:
         args.fit = args.admission
 
-    backend, device, label = make_card(args.simulate)
+    backend, device, label = make_card(args.simulate, args.workload)
     tuning = {k: v for k, v in (("admission_window", args.admission_window),
                                 ("admission_quantile", args.admission_quantile),
                                 ("admission_margin", args.admission_margin)) if v is not None}
@@ -160,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     for spec in MODELS:
         with monitor.track_model_load(spec.name, budget_gb=spec.resident_gb):
             device.load(spec)
+    if hasattr(device, "warm"):
+        device.warm()
     t0 = time.perf_counter()
     rows, counts = stress(monitor, backend, device, iterations=args.iterations, seed=args.seed,
                           spike_every=args.spike_every, unguarded_every=args.unguarded_every,
-                          admission=args.admission, fit=args.fit)
+                          admission=args.admission, fit=args.fit, workload=args.workload)
     elapsed = time.perf_counter() - t0
     c = monitor.counters()
     s = backend.sample()
     summary = {
         "device": label, "torch": torch.__version__, "iterations": args.iterations,
+        "workload": args.workload, "slots_per_second": round(args.iterations / elapsed, 2),
         "admission": args.admission, "fit": args.fit,
         "admission_settings": {"window": monitor.admission_window,
                                "quantile": monitor.admission_quantile,
