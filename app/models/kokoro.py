@@ -24,9 +24,15 @@ What it assumes:
   that ``parameters()``/``buffers()`` do not list. Built on meta they exist from the build; a
   real ``KModel(...).to("cuda")`` moves only parameters and buffers, so on the card they appear
   at the first forward and stay.
-* speed: on meta, ``nn.LSTM`` has no fused kernel and runs PyTorch's per-time-step decomposition
-  (in Python), which is most of :func:`speak`'s time; the predictor's ``shared`` LSTM runs over
-  the alignment frames.
+* the LSTMs (the text encoder's, the predictor's DurationEncoder, ``lstm`` and ``shared``, all
+  one-layer bidirectional, hidden 256; ``shared`` runs over the alignment frames, the others over
+  the tokens, packed or not): on meta ``nn.LSTM`` has no fused kernel and PyTorch decomposes it
+  per time step, thousands of storages a call and most of the forward's time, where the card runs
+  one cuDNN call. :func:`speak` runs under :func:`app.models.rnn.cudnn_rnn`, so each LSTM makes
+  what ``_cudnn_rnn`` makes on the card instead: the output, ``h_n``, ``c_n``, the input copy
+  cuDNN makes of a transposed input, and a transient workspace whose size is an upper-bound
+  estimate (cuDNN does not publish its formula; see that module). The weights are taken to be
+  one cuDNN weight space, as ``flatten_parameters()`` makes them when the model is moved to CUDA.
 * audio timing, from the networks: one alignment frame is 600 samples at 24 kHz (the predictor's
   F0/N and the decoder's last block upsample 2x, the generator 10x6, the iSTFT hop is 5), so
   40 frames/s. Text is ``PHONEMES_PER_SECOND`` phonemes a second (conversational English is
@@ -51,7 +57,8 @@ Where ``_forward_with_tokens`` differs from ``KModel.forward_with_tokens``, and 
    skips ``lengths[unsorted_indices.cpu()]`` (a copy out of a meta tensor); for Kokoro's batch
    of one sequence that indexing is the identity.
 The ALBERT forward runs under :func:`app.models.attention.flash_attention`, so its SDPA takes the
-kernel an RTX 3060 would (for fp32, the memory-efficient one).
+kernel an RTX 3060 would (for fp32, the memory-efficient one); the whole forward runs under
+:func:`app.models.rnn.cudnn_rnn`, so its LSTMs allocate as cuDNN does on that card.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from torch import nn
 from transformers import AlbertConfig
 
 from app.models.attention import flash_attention
+from app.models.rnn import cudnn_rnn
 
 # hexgrad/Kokoro-82M config.json, without its 178-entry phoneme vocab
 CONFIG: dict = {
@@ -236,6 +244,9 @@ def speak(model: KModel, *, seconds: float = 5.0) -> torch.Tensor:
     tokens, pred_dur = plan(seconds)
     input_ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
     ref_s = torch.empty(1, 256, device=model.device)  # a voice pack's style row
-    with mock.patch.object(torch.nn.utils.rnn, "pad_packed_sequence", _pad_packed_sequence):
+    with (
+        mock.patch.object(torch.nn.utils.rnn, "pad_packed_sequence", _pad_packed_sequence),
+        cudnn_rnn(),
+    ):
         audio, _ = _forward_with_tokens(model, input_ids, ref_s, pred_dur)
     return audio
