@@ -17,6 +17,7 @@ _EXPORTS = {
     **dict.fromkeys(("ControlPlane", "ControlPlaneError", "create_app", "start_control_plane"),
                     "app.api"),
     **dict.fromkeys(("CudaBackend", "MemoryBackend", "SimulatedBackend"), "app.backends"),
+    **dict.fromkeys(("AllocationTrace", "as_loaded"), "app.backends.capture"),
     **dict.fromkeys(("Settings", "SettingsError", "load_settings"), "app.config"),
     **dict.fromkeys(("CleanupCooldownError", "MemoryLeakWarning", "MemoryPressureError",
                      "MemoryPressureWarning", "VortexInitializationError"), "app.errors"),
@@ -30,6 +31,7 @@ _EXPORTS = {
 __all__ = [
     "MIN_SCALE",
     "Admission",
+    "AllocationTrace",
     "CleanupCooldownError",
     "ControlPlane",
     "ControlPlaneError",
@@ -48,6 +50,7 @@ __all__ = [
     "VRAMSnapshot",
     "VortexInitializationError",
     "__version__",
+    "as_loaded",
     "check_allocation",
     "check_limits",
     "clear_cuda_cache",
@@ -77,6 +80,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
     from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
+    from app.backends.capture import AllocationTrace, as_loaded
     from app.config import Settings, SettingsError, load_settings
     from app.errors import (
         CleanupCooldownError,

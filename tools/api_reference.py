@@ -27,6 +27,7 @@ SECTIONS = (
     ("What it hands out", ("Admission", "Forecast", "GenerationRecord", "ModelRecord",
                            "VRAMSnapshot")),
     ("Backends: where `backend=` goes", ("MemoryBackend", "SimulatedBackend", "CudaBackend")),
+    ("Real PyTorch code on the simulated card", ("as_loaded", "AllocationTrace")),
     ("The process-wide guards", ("install_monitor", "get_monitor", "check_limits",
                                  "check_allocation", "get_current_vram_usage",
                                  "get_vram_breakdown", "clear_cuda_cache")),

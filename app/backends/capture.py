@@ -32,9 +32,9 @@ loaded inside one stays resident.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,6 +43,22 @@ if TYPE_CHECKING:
     from app.backends.simulated import SimulatedBackend
 
 _META = torch.device("meta")
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def as_loaded(build: Callable[[], M]) -> M:
+    """``build()``'s module as a checkpoint loader leaves it on the card: built with no
+    capture watching (its init may make tensors in another dtype first: Flux's bf16
+    skeleton is 23.8 GB before its Linears are packed to 4 bits), then every parameter and
+    buffer given fresh storage of its final shape and dtype, one tensor at a time, under the
+    captures in force, as ``init_empty_weights`` and ``load_state_dict(assign=True)`` do.
+    Call it inside ``SimulatedBackend.capture()``; ``build`` should make the module on meta
+    (``with torch.device("meta"):``)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        module = build()
+    return module.to_empty(device=_META)
 
 
 @dataclass(frozen=True)
@@ -202,4 +218,4 @@ class Capture(TorchDispatchMode):
         self._card._free_later(charge.handle)
 
 
-__all__ = ["AllocationTrace", "Capture"]
+__all__ = ["AllocationTrace", "Capture", "as_loaded"]

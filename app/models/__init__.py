@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from app.backends.capture import as_loaded
+
 _EXTRA = ("diffusers", "transformers", "kokoro")
 
 
@@ -54,14 +56,13 @@ class RealModel:
         with no capture watching, since Flux's bf16 skeleton alone is 23.8 GB before its
         Linears are packed to 4 bits, and then every parameter and buffer gets fresh storage
         in its final dtype, one tensor at a time, under the captures in force. So inside
-        ``SimulatedBackend.capture()`` the card holds the loaded model and nothing else."""
+        ``SimulatedBackend.capture()`` the card holds the loaded model and nothing else
+        (``app.backends.capture.as_loaded``, part by part)."""
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():
             parts = self.build()
-        for module in parts.values():
-            module.to_empty(device="meta")
-        return parts
+        return {name: as_loaded(lambda m=module: m) for name, module in parts.items()}
 
 
 def _flux() -> dict[str, torch.nn.Module]:
