@@ -74,6 +74,7 @@ class AllocationTrace:
 
     @property
     def allocations(self) -> int:
+        """How many allocations the trace makes."""
         return sum(1 for e in self.events if e >= 0)
 
     def parts(self) -> Iterator[tuple[str, tuple[int, ...]]]:
