@@ -187,3 +187,52 @@ def test_an_unknown_variable_is_named_with_the_closest_setting(monkeypatch, tmp_
 def test_bad_constructor_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         VRAMMonitor(backend=SimulatedBackend(12 * GB), **kwargs)
+
+
+# ------------------------------------------- issue 19 (7): the YAML keys are documented
+
+
+def _shipped(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / name
+
+
+def test_the_example_config_yaml_loads_and_covers_every_key_the_loader_reads(monkeypatch):
+    """config.example.yaml holds every key of every section the YAML source reads, each
+    after a comment naming its variable and default, at the default: it cannot drift."""
+    from app.config import _YAML_KEYS, env_name
+
+    example = _shipped("config.example.yaml")
+    monkeypatch.setenv("VORTEX_CONFIG_FILE", str(example))
+    assert load_settings() == Settings()  # it loads, at the defaults
+
+    import yaml
+
+    doc = yaml.safe_load(example.read_text())
+    assert {s: set(body) for s, body in doc.items()} == {
+        s: set(keys) for s, keys in _YAML_KEYS.items()}
+    lines = example.read_text().splitlines()
+    for keys in _YAML_KEYS.values():
+        for key, setting in keys.items():
+            at = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+            comment = []
+            for line in reversed(lines[:at]):
+                if not line.strip().startswith("#"):
+                    break
+                comment.append(line)
+            text = " ".join(comment)
+            assert env_name(setting) in text and "Default" in text, key
+
+
+def test_the_readme_and_settings_env_name_each_yaml_key():
+    from app.config import _YAML_KEYS
+
+    readme = _shipped("README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    settings_env = _shipped("settings.env").read_text()
+    assert "config.example.yaml" in section and "config.example.yaml" in settings_env
+    for name, keys in _YAML_KEYS.items():
+        for key in keys:
+            assert f"{name}.{key}" in section, key
+            assert f"{name}.{key}" in settings_env, key
