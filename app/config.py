@@ -1,7 +1,11 @@
 """Settings: defaults < config.yaml (the task card's Director shape) < settings.env < environment.
 
-Every setting is ``VORTEX_<NAME>`` in the environment and in ``settings.env``. A bad value
-fails start-up with ``SettingsError`` naming the variable.
+Every setting is ``VORTEX_<NAME>`` in the environment and in ``settings.env``; ``config.yaml``
+holds a few of them under the keys of ``_YAML_KEYS`` (``config.example.yaml`` shows each). A
+bad value fails start-up with one line, ``invalid settings: <name>: <reason> (got <value>)``,
+where the name is what the operator wrote, where they wrote it: ``VORTEX_SOFT_LIMIT_GB``
+(environment), ``settings.env:3: VORTEX_SOFT_LIMIT_GB``, ``config.yaml: vram_limits.soft_gb``,
+or a front end's own name for an override (the demo's ``--port``).
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from dotenv import dotenv_values
@@ -39,20 +45,87 @@ _YAML_KEYS = {
 
 
 class SettingsError(ValueError):
-    """A setting is invalid; the message names the environment variable."""
+    """A setting is invalid. The message is one line, ``invalid settings: <name>: <reason>``,
+    naming the setting as the operator wrote it: the variable, the ``settings.env`` line or
+    the ``config.yaml`` key (with the file)."""
 
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def _invalid(*problems: str) -> SettingsError:
+    return SettingsError("invalid settings: " + "; ".join(problems))
+
+
+def _env_file_lines() -> dict[str, int]:
+    """``settings.env``'s variables (lower case) -> the line that sets them (the last one)."""
+    lines: dict[str, int] = {}
+    if Path(ENV_FILE).is_file():
+        text = Path(ENV_FILE).read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), 1):
+            match = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", line)
+            if match:
+                lines[match.group(1).lower()] = number
+    return lines
+
+
+def _env_file_name(variable: str, lines: Mapping[str, int]) -> str:
+    """``settings.env:<line>: <variable>``, as an error line names a setting from there."""
+    line = lines.get(variable.lower())
+    return f"{ENV_FILE}:{line}: {variable}" if line else f"{ENV_FILE}: {variable}"
+
+
+def _config_file(init_kwargs: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The config.yaml path, by the settings' own precedence, and the name that set it."""
+    if init_kwargs.get("config_file"):
+        return str(init_kwargs["config_file"]), "config_file"
+    name = env_name("config_file")
+    value = next((v for k, v in os.environ.items() if k.upper() == name), None)
+    if value:
+        return value, name
+    if Path(ENV_FILE).is_file():
+        value = next((v for k, v in dotenv_values(ENV_FILE).items() if k.upper() == name), None)
+        if value:
+            return value, _env_file_name(name, _env_file_lines())
+    return None, name
+
+
+def _read_yaml(path: str, named: str) -> dict[str, tuple[Any, str]]:
+    """The settings ``config.yaml`` at ``path`` holds: setting -> (value, ``section.key``)."""
+    where = f"{named}={path}"
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise _invalid(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise _invalid(f"{where}: not YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(doc, dict):
+        raise _invalid(f"{where}: must hold a mapping at the top (got a "
+                       f"{'list' if isinstance(doc, list) else type(doc).__name__})")
+    values: dict[str, tuple[Any, str]] = {}
+    for section, keys in _YAML_KEYS.items():
+        body = doc.get(section) or {}
+        if not isinstance(body, dict):
+            raise _invalid(f"{path}: {section}: must be a mapping (got {body!r})")
+        for key, value in body.items():
+            if key not in keys:
+                close = difflib.get_close_matches(str(key), list(keys), n=1)
+                hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(keys)}"
+                raise _invalid(f"{path}: {section}.{key}: unknown key ({hint})")
+            values[keys[key]] = (value, f"{section}.{key}")
+    return values
+
+
 class _DirectorYamlSource(PydanticBaseSettingsSource):
     """Reads the task card's ``config.yaml`` (``vram_limits``/``monitoring`` sections) from
     ``VORTEX_CONFIG_FILE``; other sections of a Director config are left alone."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None, named: str) -> None:
         super().__init__(settings_cls)
-        self._path = path
+        self._path, self._named = path, named
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ returns the mapping whole
@@ -60,35 +133,17 @@ class _DirectorYamlSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         if not self._path:
             return {}
-        path = Path(self._path)
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise SettingsError(f"{env_name('config_file')}={path}: not UTF-8 text (byte "
-                                f"{exc.start}: {exc.reason})") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise SettingsError(f"{env_name('config_file')}={path}: cannot read it: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise SettingsError(f"{env_name('config_file')}={path}: expected a mapping at the top")
-        values: dict[str, Any] = {}
-        for section, keys in _YAML_KEYS.items():
-            body = doc.get(section) or {}
-            if not isinstance(body, dict):
-                raise SettingsError(f"{path}: {section} must be a mapping")
-            unknown = set(body) - set(keys)
-            if unknown:
-                raise SettingsError(
-                    f"{path}: unknown key(s) in {section}: {', '.join(sorted(unknown))} "
-                    f"(known: {', '.join(keys)})"
-                )
-            values.update({keys[k]: v for k, v in body.items()})
-        return values
+        return {k: v for k, (v, _) in _read_yaml(self._path, self._named).items()}
+
+
+_SECRET = object()  # an OptionError's value that no message shows
 
 
 class Settings(BaseSettings):
     """The Director's settings: ``VORTEX_*`` variables, ``settings.env`` and the task card's
     ``config.yaml`` (``VORTEX_CONFIG_FILE``). ``load_settings()`` builds one with errors as
-    one line naming the variable; ``monitor_kwargs()`` gives ``VRAMMonitor``'s arguments."""
+    one line naming each setting as it was written; ``monitor_kwargs()`` gives
+    ``VRAMMonitor``'s arguments."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=ENV_FILE, extra="ignore", validate_default=True
@@ -131,24 +186,27 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _token(self) -> Settings:
         """One token, from ``VORTEX_TOKEN_FILE`` (not visible in ``ps`` or ``docker inspect``)
-        or ``VORTEX_TOKEN``, and one that an HTTP header can carry."""
+        or ``VORTEX_TOKEN``, and one that an HTTP header can carry. Errors never show it."""
         if self.token_file is not None:
             if self.token is not None:
-                raise ValueError(f"set one of {env_name('token')} and {env_name('token_file')}")
+                raise OptionError("token_file", str(self.token_file),
+                                  "set only one of it and {0}", ("token",))
             try:
                 text = self.token_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(
-                    f"{env_name('token_file')}={self.token_file}: cannot read it: {exc}"
-                ) from None
+            except OSError as exc:
+                raise OptionError("token_file", str(self.token_file),
+                                  f"cannot read it: {exc.strerror or exc}") from None
+            except UnicodeDecodeError:
+                raise OptionError("token_file", str(self.token_file),
+                                  "not UTF-8 text") from None
             if not text:
-                raise ValueError(f"{env_name('token_file')}={self.token_file} is empty")
+                raise OptionError("token_file", str(self.token_file), "the file is empty")
             self.token = SecretStr(text)
         if self.token is not None:
             value = self.token.get_secret_value()
             if not value or not all("!" <= c <= "~" for c in value):
-                source = env_name("token_file" if self.token_file else "token")
-                raise ValueError(f"{source}: the token must be printable ASCII without spaces")
+                raise OptionError("token_file" if self.token_file else "token", _SECRET,
+                                  "the token must be printable ASCII without spaces")
         return self
 
     @model_validator(mode="after")
@@ -167,12 +225,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = getattr(init_settings, "init_kwargs", {}).get("config_file") or os.environ.get(
-            env_name("config_file")
-        )
+        path, named = _config_file(getattr(init_settings, "init_kwargs", {}))
         return (
             init_settings, env_settings, dotenv_settings,
-            _DirectorYamlSource(settings_cls, str(path) if path else None),
+            _DirectorYamlSource(settings_cls, path, named),
         )
 
     def monitor_kwargs(self) -> dict[str, Any]:
@@ -220,29 +276,96 @@ def unknown_variables(env: dict[str, str | None] | None = None) -> dict[str, str
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """``Settings(**overrides)``, with validation errors turned into one ``SettingsError``
-    whose lines name each bad variable and the value it had. Unknown ``VORTEX_*`` variables
-    get a WARNING naming the closest setting."""
+    """``Settings(**overrides)``, with validation errors turned into one ``SettingsError``:
+    one line naming each bad setting as the operator wrote it (an override by its keyword)
+    and the value it had. Unknown ``VORTEX_*`` variables get a WARNING naming the closest
+    setting."""
+    return load_settings_from(overrides)
+
+
+def load_settings_from(overrides: Mapping[str, Any], *,
+                       named: Mapping[str, str] | None = None) -> Settings:
+    """``load_settings(**overrides)`` for a front end whose operator wrote the overrides under
+    its own names: ``named`` maps a setting to that name (the demo's ``{"port": "--port"}``),
+    which the errors use."""
     try:
         unknown = unknown_variables()
     except UnicodeDecodeError as exc:
-        raise SettingsError(f"{ENV_FILE}: not UTF-8 text (byte {exc.start}: {exc.reason})"
-                            ) from None
+        raise _invalid(f"{ENV_FILE}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+                       ) from None
     for name, close in unknown.items():
         logger.warning("unknown setting %s is ignored%s", name,
                        f" (did you mean {close}?)" if close else "")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            option = (err.get("ctx") or {}).get("error")
-            if isinstance(option, OptionError):
-                lines.append(f"{env_name(option.name)}: {option.explain(env_name)} "
-                             f"(got {option.value!r})")
-                continue
-            loc = ".".join(str(p) for p in err["loc"])
-            name = env_name(loc) if loc else "settings"
-            got = "" if not loc else f" (got {err.get('input')!r})"
-            lines.append(f"{name}: {err['msg']}{got}")
-        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+        origins = _Origins(overrides, named or {})
+        raise _invalid(*(origins.problem(err) for err in exc.errors())) from None
+
+
+class _Origins:
+    """Where each setting's value came from, by the sources' precedence, and so how the
+    operator wrote its name: ``where`` heads an error line, ``name`` goes inside a sentence."""
+
+    def __init__(self, overrides: Mapping[str, Any], named: Mapping[str, str]) -> None:
+        self._overrides, self._named = overrides, named
+        self._env = {k.upper(): k for k in os.environ}
+        self._env_file = _env_file_lines()
+        path, by = _config_file(overrides)
+        self._yaml_path = path
+        self._yaml = {k: key for k, (_, key) in _read_yaml(path, by).items()} if path else {}
+
+    def _origin(self, field: str) -> tuple[str, str, bool]:
+        """(where, name, is the default)."""
+        env = env_name(field)
+        if field in self._overrides:
+            name = self._named.get(field, field)
+            return name, name, False
+        if env in self._env:
+            return self._env[env], self._env[env], False
+        if env.lower() in self._env_file:
+            return _env_file_name(env, self._env_file), env, False
+        if field in self._yaml:
+            return f"{self._yaml_path}: {self._yaml[field]}", self._yaml[field], False
+        return env, env, True
+
+    def name(self, field: str) -> str:
+        return self._origin(field)[1]
+
+    def problem(self, err: Any) -> str:
+        """One pydantic error as ``<where>: <reason> (got <value>)``."""
+        option = (err.get("ctx") or {}).get("error")
+        if isinstance(option, OptionError):
+            field, reason, value = option.name, option.explain(self.name), option.value
+        else:
+            field = str(err["loc"][0]) if err["loc"] else ""
+            reason, value = _reason(err, field), err.get("input") if field else _SECRET
+        if not field:
+            return reason
+        where, _, default = self._origin(field)
+        shown = _SECRET if field == "token" else value
+        got = "" if shown is _SECRET else f" (got {shown!r}{', the default' if default else ''})"
+        return f"{where}: {reason}{got}"
+
+
+_REASONS = {
+    "float_parsing": "must be a number", "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "int_parsing": "must be an integer", "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text", "path_type": "must be a path",
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+}
+
+
+def _reason(err: Any, field: str) -> str:
+    """A pydantic error in this module's words (no "Input should be", no "Value error,")."""
+    if err["type"] == "literal_error" and field in Settings.model_fields:
+        choices = get_args(Settings.model_fields[field].annotation)
+        return "must be one of " + ", ".join(str(c) for c in choices)
+    if err["type"] in _REASONS:
+        return _REASONS[err["type"]].format(**(err.get("ctx") or {}))
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg.replace("Input should be", "must be")

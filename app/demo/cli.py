@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from app.config import SettingsError, load_settings
+from app.config import SettingsError, load_settings_from
 from app.errors import VortexInitializationError
 
 logger = logging.getLogger("app.demo")
@@ -60,16 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
+    # Each check names only its own option; the range tests refuse nan and inf too.
     if args.generations is not None and args.generations < 0:
         ap.error("--generations must be >= 0")
-    if args.slot_seconds < 0:
-        ap.error("--slot-seconds must be >= 0")
-    if args.leak_mb < 0:
-        ap.error("--leak-mb must be >= 0")
     if args.pressure_every < 0:
         ap.error("--pressure-every must be >= 0 (0: no spikes)")
-    if args.work_ms < 0 or args.shutdown_timeout <= 0:
-        ap.error("--work-ms must be >= 0 and --shutdown-timeout > 0")
+    for option, value in (("--slot-seconds", args.slot_seconds), ("--leak-mb", args.leak_mb),
+                          ("--work-ms", args.work_ms)):
+        if not 0 <= value < math.inf:
+            ap.error(f"{option} must be a finite number >= 0 (got {value:g})")
+    if not 0 < args.shutdown_timeout < math.inf:
+        ap.error("--shutdown-timeout must be a finite number > 0 "
+                 f"(got {args.shutdown_timeout:g})")
     return args
 
 
@@ -96,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if "VORTEX_PYTHON_WARNINGS" not in os.environ:
         overrides["python_warnings"] = False
     try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
+        # A bad override is named as the option the operator typed.
+        settings = load_settings_from(overrides, named={
+            "host": "--host", "port": "--port", "token": "--token", "token_file": "--token-file"})
+    except SettingsError as exc:  # one line: invalid settings: <name as written>: <reason>
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
