@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -102,6 +103,95 @@ class CacheState(NamedTuple):
     estimate: bool = False
 
 
+class DeviceTelemetry(NamedTuple):
+    """What NVML says of the device beyond its memory; each figure ``None`` where it cannot be
+    read (no ``nvidia-ml-py``, no driver, a MIG slice, the simulated card)."""
+
+    utilization_percent: int | None  # the share of the last sample period a kernel ran
+    temperature_celsius: int | None
+    power_watts: float | None  # board power draw now
+    power_limit_watts: float | None  # the enforced power limit
+
+
+NO_TELEMETRY = DeviceTelemetry(None, None, None, None)
+
+
+def format_memory_summary(stats: Mapping[str, Any], device_index: int = 0,
+                          abbreviated: bool = False) -> str:
+    """``torch.cuda.memory_summary()``'s table over a ``memory_stats()`` dict.
+
+    The same text as torch 2.x's own (``torch/cuda/memory.py``, ``memory_summary``, whose
+    code this follows line by line): torch's function reads the stats of a CUDA device
+    itself and takes no dict, so a backend without CUDA formats its own stats here.
+    ``tests/unit/test_memory_summary.py`` checks the two agree character for character.
+    Sizes are binary (KiB, MiB, GiB), as torch prints them.
+    """
+
+    def _format_size(sz: int, pref_sz: float) -> str:
+        prefixes = ["B  ", "KiB", "MiB", "GiB", "TiB", "PiB"]
+        prefix = prefixes[0]
+        for new_prefix in prefixes[1:]:
+            if pref_sz < 768 * 1024:
+                break
+            prefix = new_prefix
+            sz //= 1024
+            pref_sz /= 1024
+        return f"{sz:6d} {prefix}"
+
+    def _format_count(cnt: int, pref_cnt: float) -> str:
+        prefixes = [" ", "K", "M"]
+        prefix = prefixes[0]
+        for new_prefix in prefixes[1:]:
+            if pref_cnt < 750 * 1000:
+                break
+            prefix = new_prefix
+            cnt //= 1000
+            pref_cnt /= 1000
+        return f"{cnt:7d} {prefix} "
+
+    pooled = (
+        ("allocated_bytes", "Allocated memory", _format_size),
+        ("active_bytes", "Active memory", _format_size),
+        ("requested_bytes", "Requested memory", _format_size),
+        ("reserved_bytes", "GPU reserved memory", _format_size),
+        ("inactive_split_bytes", "Non-releasable memory", _format_size),
+        ("allocation", "Allocations", _format_count),
+        ("active", "Active allocs", _format_count),
+        ("segment", "GPU reserved segments", _format_count),
+        ("inactive_split", "Non-releasable allocs", _format_count),
+    )
+    rule, double = "-" * 75, "=" * 75
+    lines = [
+        double,
+        f" {'':16} PyTorch CUDA memory summary, device ID {device_index:<17d} ",
+        rule,
+        f"  {'':9} CUDA OOMs: {stats['num_ooms']:<12d} | {'':6} cudaMalloc retries: "
+        f"{stats['num_alloc_retries']:<8d}  ",
+        double,
+        "        Metric         | Cur Usage  | Peak Usage | Tot Alloc  | Tot Freed  ",
+    ]
+    for key, label, fmt in pooled:
+        lines.append(rule)
+        subs = [("all", label)]
+        if not abbreviated:
+            subs += [("large_pool", "      from large pool"),
+                     ("small_pool", "      from small pool")]
+        pref = None
+        for sub, name in subs:
+            values = [stats[f"{key}.{sub}.{part}"]
+                      for part in ("current", "peak", "allocated", "freed")]
+            pref = pref or values  # every row scaled as its metric's "all" row
+            lines.append(f" {name:<21} | " + " | ".join(
+                fmt(v, p) for v, p in zip(values, pref, strict=True)) + " ")
+    for key, label in (("oversize_allocations", "Oversize allocations"),
+                       ("oversize_segments", "Oversize GPU segments")):
+        lines.append(rule)
+        values = [stats[f"{key}.{part}"] for part in ("current", "peak", "allocated", "freed")]
+        lines.append(f" {label:<21} | " + " | ".join(_format_count(v, v) for v in values) + " ")
+    lines.append(double)
+    return "|" + "|\n|".join(lines) + "|\n"
+
+
 @runtime_checkable
 class MemoryBackend(Protocol):
     """A device whose memory the monitor watches.
@@ -163,4 +253,15 @@ class MemoryBackend(Protocol):
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lives in the memory this backend watches."""
+        ...
+
+    def memory_summary(self) -> str:
+        """``torch.cuda.memory_summary()``'s text for this device: the allocator's counters
+        (current, peak, allocated and freed, per pool) as one table. Raises when the
+        allocator cannot be read."""
+        ...
+
+    def device_telemetry(self) -> DeviceTelemetry:
+        """Utilisation, temperature and power from NVML where it answers, each ``None``
+        where not; never raises. Cheap enough for every snapshot (a backend caches it)."""
         ...

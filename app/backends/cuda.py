@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import importlib
 import itertools
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +22,13 @@ from app.backends.alloc_conf import (
     parse_alloc_conf,
     settings_from_environment,
 )
-from app.backends.base import AllocatorSample, CacheState, DeviceMemory
+from app.backends.base import (
+    NO_TELEMETRY,
+    AllocatorSample,
+    CacheState,
+    DeviceMemory,
+    DeviceTelemetry,
+)
 from app.errors import VortexInitializationError
 
 logger = logging.getLogger(__name__)
@@ -91,6 +100,7 @@ class CudaBackend:
             else (lambda: torch.cuda.memory_stats_as_nested_dict(device))
         )
         self.device_memory()  # the non-torch share, for reservable_bytes()
+        self._nvml = NvmlReader(self._uuid, device)
 
     @property
     def device(self) -> str:
@@ -212,6 +222,12 @@ class CudaBackend:
         snap["allocator_settings"] = self._settings.to_dict()
         return snap
 
+    def memory_summary(self) -> str:
+        return torch.cuda.memory_summary(self._index)
+
+    def device_telemetry(self) -> DeviceTelemetry:
+        return self._nvml.read()
+
     def empty_cache(self) -> None:
         with torch.cuda.device(self._index):
             torch.cuda.empty_cache()
@@ -240,6 +256,60 @@ class CudaBackend:
         if d.type != "cuda":
             return False
         return (d.index if d.index is not None else torch.cuda.current_device()) == self._index
+
+
+class NvmlReader:
+    """Utilisation, temperature and power of one GPU from NVML (``pynvml``, the ``nvml`` extra),
+    at most once a second; by ``uuid``, else ``index`` where CUDA_VISIBLE_DEVICES does
+    not renumber. As nvitop's ``nvmlQuery(default=NA)``: no package or driver, every figure
+    ``None`` (logged once); one the device lacks (MIG), ``None`` alone. ``nvml``: a stand-in."""
+
+    def __init__(self, uuid: str | None, index: int, nvml: Any = None) -> None:
+        self._uuid, self._index, self._nvml = uuid, index, nvml
+        self._lock = threading.Lock()
+        self._handle: Any = None
+        self._unavailable = False
+        self._last: tuple[float, DeviceTelemetry] | None = None
+
+    def read(self) -> DeviceTelemetry:
+        with self._lock:
+            now = time.monotonic()
+            if self._last is None or now - self._last[0] >= 1.0:
+                handle = self._open()
+                self._last = (now, NO_TELEMETRY if handle is None else self._query(handle))
+            return self._last[1]
+
+    def _open(self) -> Any:
+        if self._handle is not None or self._unavailable:
+            return self._handle
+        try:
+            nvml = self._nvml if self._nvml is not None else importlib.import_module("pynvml")
+            nvml.nvmlInit()
+            if self._uuid is None and "CUDA_VISIBLE_DEVICES" in os.environ:
+                raise LookupError("no UUID, and CUDA_VISIBLE_DEVICES renumbers the devices")
+            self._handle = (nvml.nvmlDeviceGetHandleByIndex(self._index) if self._uuid is None
+                            else nvml.nvmlDeviceGetHandleByUUID(self._uuid.encode()))
+            self._nvml = nvml
+        except Exception as exc:  # ImportError, NVMLError, ...: the figures are n/a
+            self._unavailable = True
+            logger.info("NVML unavailable (%s: %s): utilisation, temperature and power n/a "
+                        "(the nvml extra installs nvidia-ml-py)", type(exc).__name__, exc)
+        return self._handle
+
+    def _query(self, handle: Any) -> DeviceTelemetry:
+        nvml = self._nvml
+
+        def get(fn: Callable[[], Any]) -> Any:
+            try:
+                return fn()
+            except Exception:  # NVMLError_NotSupported and the like: that figure alone
+                return None
+
+        return DeviceTelemetry(  # power in milliwatts
+            get(lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
+            get(lambda: int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))),
+            get(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000),
+            get(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000))
 
 
 class _CacheView:

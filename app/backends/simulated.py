@@ -45,7 +45,14 @@ from app.backends.alloc_conf import (
 from app.backends.allocator import CachingAllocator
 from app.backends.allocator.blocks import _COUNTERS, _Block
 from app.backends.allocator.reports import _flatten_stats, _segment_dicts, _skip_frames_of
-from app.backends.base import AllocatorSample, CacheState, DeviceMemory
+from app.backends.base import (
+    NO_TELEMETRY,
+    AllocatorSample,
+    CacheState,
+    DeviceMemory,
+    DeviceTelemetry,
+    format_memory_summary,
+)
 
 if TYPE_CHECKING:
     from app.backends.capture import Capture, _Charge
@@ -385,6 +392,18 @@ class SimulatedBackend(CachingAllocator):
                 "device_free_bytes": max(0, self._total - self._context
                                          - self._reserved.current),
             }
+
+    def memory_summary(self) -> str:
+        """``torch.cuda.memory_summary()``'s table over this card's ``memory_stats()``, its
+        device ID the label's number (``sim:0``: 0). Raises under ``set_faults(reads=True)``."""
+        with self._lock:
+            self._check_read()
+        index = self._device.rpartition(":")[2]
+        return format_memory_summary(self.memory_stats(), int(index) if index.isdigit() else 0)
+
+    def device_telemetry(self) -> DeviceTelemetry:
+        """A simulated card has no utilisation, temperature or power: all ``None``."""
+        return NO_TELEMETRY
 
     # -- storages that died (capture) --------------------------------------------------------
 

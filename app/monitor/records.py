@@ -267,6 +267,12 @@ class VRAMSnapshot:
     forecast_activation_bytes: int
     forecast_peak_bytes: int  # on the limit basis, from now: current usage when no history
     forecast_headroom_bytes: int  # hard limit minus the forecast peak
+    # Optional (a snapshot built without them, or by an older Director, lacks them):
+    last_slot: int | None = None  # the slot number of the last slot that ended in generation()
+    gpu_utilization_percent: int | None = None  # from NVML; None on the simulated card
+    gpu_temperature_celsius: int | None = None
+    gpu_power_watts: float | None = None
+    gpu_power_limit_watts: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain dicts and values: the JSON record of ``/vram/snapshot``."""

@@ -7,6 +7,7 @@ import threading
 import time
 
 from app.backends import MemoryBackend
+from app.backends.base import NO_TELEMETRY
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
@@ -49,6 +50,7 @@ class SnapshotBuilder:
         self.stall_after_s = stall_after_s
         self._lock = threading.Lock()
         self._last_info: float | None = None  # monotonic
+        self._last_slot: tuple[int, int | None] = (0, None)  # (generations, its last slot)
 
     def build(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
         """One allocator read; the device figures come from the same read. Raises when the
@@ -66,6 +68,7 @@ class SnapshotBuilder:
         frag = self._model.fragmentation(s, cache)
         forecast_peak = self._model.slot(s, f.activation_bytes, cleanup_allowed=False).peak_bytes \
             if f.samples else usage
+        telemetry = b.device_telemetry() if hasattr(b, "device_telemetry") else NO_TELEMETRY
         return VRAMSnapshot(
             timestamp=utc_timestamp(), event=event, slot=slot,
             vram_usage_gb=to_gb(usage), vram_allocated_gb=to_gb(s.allocated_bytes),
@@ -101,7 +104,23 @@ class SnapshotBuilder:
             last_cleanup=self._cleaner.last(), forecast_samples=f.samples,
             forecast_activation_bytes=f.activation_bytes, forecast_peak_bytes=forecast_peak,
             forecast_headroom_bytes=hard - forecast_peak,
+            last_slot=self._last_slot_of(slots.generations),
+            gpu_utilization_percent=telemetry.utilization_percent,
+            gpu_temperature_celsius=telemetry.temperature_celsius,
+            gpu_power_watts=telemetry.power_watts,
+            gpu_power_limit_watts=telemetry.power_limit_watts,
         )
+
+    def _last_slot_of(self, generations: int) -> int | None:
+        """The last record's slot, read again only when generations ended since."""
+        with self._lock:
+            counted, slot = self._last_slot
+        if counted != generations:
+            recent = self._slots.recent()
+            slot = recent[-1].slot if recent else None
+            with self._lock:
+                self._last_slot = (generations, slot)
+        return slot
 
     def log(self, event: str, slot: int | None = None) -> VRAMSnapshot:
         """Build a snapshot and log it as one JSON record (INFO, ``app.monitor.snapshots``)."""

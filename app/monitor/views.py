@@ -141,6 +141,11 @@ class MonitorViews:
         """Per-model resident memory in GB."""
         return {m.name: to_gb(m.vram_bytes) for m in self._registry.models()}
 
+    def memory_summary(self) -> str:
+        """``torch.cuda.memory_summary()``'s text for the backend's device (on the simulated
+        card the same table over its ``memory_stats()``); raises when it cannot be read."""
+        return self._backend.memory_summary()
+
     def snapshot(self, event: str = "snapshot", slot: int | None = None) -> VRAMSnapshot:
         """A fresh, immutable view of the device and the monitor, not logged."""
         return self._snapshots.build(event, slot)

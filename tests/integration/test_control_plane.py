@@ -174,7 +174,11 @@ def test_live_metrics_pass_promtool(plane, node):
 def test_openapi_documents_every_endpoint_truthfully(plane):
     spec = httpx.get(f"{plane.url}/openapi.json").json()
     assert set(spec["paths"]) == {"/healthz", "/readyz", "/vram/snapshot", "/vram/models",
-                                  "/vram/cleanup", "/vram/memory_snapshot", "/metrics"}
+                                  "/vram/cleanup", "/vram/memory_snapshot", "/vram/summary",
+                                  "/metrics"}
+    summary = spec["paths"]["/vram/summary"]["get"]
+    assert list(summary["responses"]["200"]["content"]) == ["text/plain"]
+    assert "503" in summary["responses"] and "security" not in summary
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain; version=0.0.4; charset=utf-8"]
     cleanup = spec["paths"]["/vram/cleanup"]["post"]["responses"]
@@ -354,3 +358,32 @@ def test_readyz_says_not_producing_and_shutting_down(plane, node):
     plane.drain()  # what Director.stop() does on SIGTERM
     r = httpx.get(f"{plane.url}/readyz")
     assert r.status_code == 503 and r.json()["reason"] == "shutting_down"
+
+
+# -- GET /vram/summary (issue 19) ----------------------------------------------------------
+
+
+def test_summary_is_torchs_table_as_text_under_the_read_rules(plane, node):
+    monitor, card = node
+    r = httpx.get(f"{plane.url}/vram/summary")  # no token: a read, as the snapshot
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert r.text == monitor.memory_summary()
+    assert "PyTorch CUDA memory summary, device ID 0" in r.text
+    assert all(len(line) == 77 for line in r.text.splitlines())  # torch's 75 + the two bars
+    misdirected = httpx.get(f"{plane.url}/vram/summary", headers={"Host": "evil.example"})
+    assert misdirected.status_code == 421  # the Host check, as for every route
+    card.set_faults(reads=True)
+    r = httpx.get(f"{plane.url}/vram/summary")
+    assert r.status_code == 503 and "VRAM backend unavailable" in r.json()["detail"]
+
+
+def test_the_snapshot_says_n_a_for_nvml_and_names_the_last_slot(plane, node):
+    monitor, card = node
+    with monitor.generation(41):
+        card.free(card.allocate(1 << 20))
+    monitor.skip_slot(42)
+    snap = httpx.get(f"{plane.url}/vram/snapshot").json()
+    assert snap["last_slot"] == 41  # the skipped slot never ran
+    for field in ("gpu_utilization_percent", "gpu_temperature_celsius", "gpu_power_watts",
+                  "gpu_power_limit_watts"):
+        assert field in snap and snap[field] is None  # the simulated card has no NVML

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import MonitorDep, TokenDep, backend_unavailable, read_backend
@@ -31,6 +31,18 @@ async def snapshot(request: Request) -> Response:
     # The snapshot is already a checked, immutable value: serialise it once, directly.
     snap = read_backend(lambda: monitor.snapshot("http_snapshot"))
     return Response(snap.to_json_bytes(), media_type="application/json")
+
+
+@router.get("/summary", response_class=PlainTextResponse,
+            summary="PyTorch's memory_summary() table for the device",
+            description="torch.cuda.memory_summary(device) on CUDA; on the simulated card the "
+            "same table over its memory_stats(). The allocator's current, peak, allocated and "
+            "freed figures per pool, in torch's binary units (KiB, MiB, GiB).",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "The table, as torch prints it"},
+                       **_UNAVAILABLE})
+async def summary(monitor: MonitorDep) -> PlainTextResponse:
+    return PlainTextResponse(read_backend(monitor.memory_summary))
 
 
 @router.get("/models", response_model=Models, summary="Resident models and their budgets")
