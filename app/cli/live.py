@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console, Group, RenderableType
 from rich.layout import Layout
 from rich.live import Live
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -26,7 +27,8 @@ from app.cli.render import counters, header, health, snapshot_models
 from app.cli.tracker import Tracker
 from app.cli.units import clock, gb, signed_gb
 
-HEADER_ROWS = 7  # render.header: five lines (the last the fragmentation line) in a border
+HEADER_ROWS = 8  # render.header: six lines (the last the fragmentation line) in a border
+BAR_MIN = 12  # the narrowest share-of-the-card bar worth drawing
 
 
 def run_top(client: ControlPlaneClient, console: Console, *, interval_s: float) -> int:
@@ -109,10 +111,12 @@ class Feed:
 def top_view(feed: Feed, console: Console, interval_s: float, keys: bool) -> RenderableType:
     t = feed.tracker
     snap = t.snapshot or {}
-    height = console.size.height
-    n_models = len(snap.get("models") or {})
-    middle = max(n_models + 2, 6) + 2
-    monitor = 9 if height >= 36 else 0  # short terminals: the events matter more than totals
+    width, height = console.size
+    monitor_body = Group(counters(snap), health(snap))
+    # short terminals: the events matter more than totals; else as many rows as it takes
+    monitor = _rows(console, monitor_body, width - 4) + 2 if height >= 36 else 0
+    models, generations, gen_width = _middle(feed, snap, console, width)
+    middle = max(len(snap.get("models") or {}) + 2, 6) + 2
     chart = max(3, min(10, height - HEADER_ROWS - middle - monitor - 2 - 7))
     layout = Layout()
     parts = [Layout(header(snap, feed.client.url), name="header", size=HEADER_ROWS),
@@ -120,16 +124,43 @@ def top_view(feed: Feed, console: Console, interval_s: float, keys: bool) -> Ren
              Layout(name="middle", size=middle),
              Layout(_events(t), ratio=1)]
     if monitor:
-        parts.append(Layout(Panel(Group(counters(snap), health(snap)), title="monitor",
-                                  title_align="left"), size=monitor))
+        parts.append(Layout(Panel(monitor_body, title="monitor", title_align="left"),
+                            size=monitor))
     layout.split_column(*parts)
-    # Under 120 columns the two tables would squeeze into ellipses: fewer columns instead.
-    wide = console.size.width >= 120
     layout["middle"].split_row(
-        Layout(Panel(snapshot_models(snap, feed.models, compact=not wide), title="models",
-                     title_align="left"), ratio=1 if wide else 2),
-        Layout(_generations(feed, wide), ratio=1 if wide else 3))
+        Layout(Panel(models, title="models", title_align="left"), ratio=1),
+        Layout(generations, size=gen_width))
     return layout
+
+
+def _rows(console: Console, renderable: RenderableType, width: int) -> int:
+    return len(console.render_lines(renderable, console.options.update_width(max(1, width)),
+                                    pad=False))
+
+
+def _middle(feed: Feed, snap: Mapping[str, Any], console: Console,
+            width: int) -> tuple[RenderableType, Panel, int]:
+    """The models and the recent generations side by side, each in the most detailed form
+    that leaves the other room: what the panels' cells need, measured, not guessed from the
+    terminal's width (at 120 columns two wide tables would cut each other short)."""
+    def natural(renderable: RenderableType) -> int:
+        return Measurement.get(console, console.options.update_width(10_000),
+                               renderable).maximum + 4  # a panel's border and padding
+
+    full = natural(snapshot_models(snap, feed.models, compact=False, bar=False)) + 2 + BAR_MIN
+    compact = natural(snapshot_models(snap, feed.models, compact=True))
+    wide, narrow = _generations_table(feed, True), _generations_table(feed, False)
+    choices = [(natural(wide), wide, full, False), (natural(wide), wide, compact, True),
+               (natural(narrow), narrow, full, False), (natural(narrow), narrow, compact, True)]
+    gen_width, table, _, small = next(
+        (c for c in choices if c[0] + c[2] <= width), choices[-1])
+    gen_width = min(gen_width, max(1, width - compact))
+    models = snapshot_models(snap, feed.models, compact=small)
+    body: RenderableType = table
+    if not feed.tracker.generations:
+        body = Group(table, Text(feed.histograms_note or "no generation ended since top "
+                                 "started", style="dim", overflow="fold"))
+    return models, Panel(body, title="recent generations (GB)", title_align="left"), gen_width
 
 
 def _timeline(t: Tracker, snap: Mapping[str, Any], rows: int, interval_s: float,
@@ -144,13 +175,15 @@ def _timeline(t: Tracker, snap: Mapping[str, Any], rows: int, interval_s: float,
                  border_style="red" if t.trouble else "")
 
 
-def _generations(feed: Feed, wide: bool) -> Panel:
-    table = Table(box=None, expand=True, pad_edge=False, header_style="bold")
-    columns = ["at", "slots", "mean peak", "max peak in", "after", "delta"]
+def _generations_table(feed: Feed, wide: bool) -> Table:
+    """One row per refresh that saw slots end: generation numbers (the Director's count, the
+    skipped not among them) and the last slot's number, their peaks and the level after."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    columns = ["at", "gen #", "slot", "mean peak", "max peak in", "after", "delta"]
     if not wide:
-        columns = ["at", "slots", "max peak in", "delta"]
+        columns = ["at", "gen #", "slot", "max peak in", "delta"]
     for name in columns:
-        table.add_column(name, justify="left" if name in ("at", "slots") else "right",
+        table.add_column(name, justify="left" if name in ("at", "gen #") else "right",
                          no_wrap=True)
     hard = (feed.tracker.snapshot or {}).get("hard_limit_bytes")
     soft = (feed.tracker.snapshot or {}).get("soft_limit_bytes")
@@ -159,19 +192,17 @@ def _generations(feed: Feed, wide: bool) -> Panel:
         top = "—" if w.max_peak_range is None else (
             f"{gb(max(0.0, w.max_peak_range[0]))}-{gb(w.max_peak_range[1])}"
             if w.max_peak_range[1] != float("inf") else f"> {gb(w.max_peak_range[0])}")
-        slots = f"#{w.first}" if w.slots == 1 else f"#{w.first}-{w.last}"
+        gens = f"{w.first}" if w.slots == 1 else f"{w.first}-{w.last}"
+        slot = "—" if row.last_slot is None else str(row.last_slot)
         peak = Text(top, style=zone_style(w.max_peak_bytes, soft, hard))
         delta = Text(signed_gb(row.delta_bytes), style="yellow" if (row.delta_bytes or 0) > 0
                      else "")
         if wide:
-            table.add_row(row.at, f"{slots} ({w.slots})", gb(w.mean_peak_bytes), peak,
+            table.add_row(row.at, f"{gens} ({w.slots})", slot, gb(w.mean_peak_bytes), peak,
                           gb(row.after_bytes), delta)
         else:
-            table.add_row(row.at.rstrip("Z"), slots, peak, delta)
-    if not feed.tracker.generations:
-        table.add_row(Text(feed.histograms_note or "no generation ended since top started",
-                           style="dim"))
-    return Panel(table, title="recent generations (GB)", title_align="left")
+            table.add_row(row.at.rstrip("Z"), gens, slot, peak, delta)
+    return table
 
 
 def _events(t: Tracker) -> Panel:
@@ -180,6 +211,8 @@ def _events(t: Tracker) -> Panel:
         if lines:
             lines.append("\n")
         lines.append(f"{event.at}  ", style="dim")
+        if event.slot:
+            lines.append(f"{event.slot}  ", style="cyan")
         lines.append(event.message, style=event.style)
     return Panel(lines, title=f"events (newest first, times UTC) at "
                  f"{clock((t.snapshot or {}).get('timestamp'))}", title_align="left")

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The VRAM of one Vortex Director, from its control plane: a status "
         "report, a live view, the models, an emergency cleanup, the allocator's memory "
-        "snapshot and what pins it. GB = 10^9 bytes.")
+        "snapshot and what pins it, PyTorch's memory summary. GB = 10^9 bytes.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("status", "device, usage against the limits, models, counters, "
                         "leak trend, last cleanup, liveness, admission forecast"),
@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "Needs the bearer token; one per 5 s.")
     frag.add_argument("--json", action="store_true",
                       help="print the snapshot's JSON as it came")
+    sub.add_parser("summary", parents=[common], epilog=EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="PyTorch's memory_summary() table from the Director",
+                   description="GET /vram/summary as it comes: torch.cuda.memory_summary() "
+                   "for the Director's device (on the simulated card the same table over its "
+                   "memory_stats()): the allocator's current, peak, allocated and freed "
+                   "figures per pool, in torch's own binary units (KiB, MiB, GiB).")
     top = sub.add_parser("top", parents=[common], epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          help="live full-screen view; q quits",
@@ -189,6 +196,19 @@ def frag(client: ControlPlaneClient, args: argparse.Namespace, console: Console)
     return ExitCode.OK
 
 
+def summary(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
+    answer = client.get("/vram/summary", accept="text/plain")
+    raise_for_answer(answer, "GET /vram/summary")
+    kind = answer.headers.get("content-type", "")
+    text = answer.body.decode("utf-8", "replace")
+    if not kind.startswith("text/plain") or "memory summary" not in text:
+        raise CliError(ExitCode.ERROR, "GET /vram/summary: the answer is no memory summary "
+                       f"({kind or 'no content type'}): {answer.body[:80]!r}")
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+    return ExitCode.OK
+
+
 def top(client: ControlPlaneClient, args: argparse.Namespace, console: Console) -> int:
     from app.cli.live import run_top  # termios and the live view: only for top
 
@@ -197,7 +217,7 @@ def top(client: ControlPlaneClient, args: argparse.Namespace, console: Console) 
 
 COMMANDS: dict[str, Callable[[ControlPlaneClient, argparse.Namespace, Console], int]] = {
     "status": status, "models": models, "cleanup": cleanup, "dump": dump, "frag": frag,
-    "top": top,
+    "summary": summary, "top": top,
 }
 _TOKEN = {"cleanup", "dump", "frag"}  # the commands whose endpoint is behind the token
 SNAPSHOT = "/vram/memory_snapshot"

@@ -16,7 +16,16 @@ from rich.table import Table
 from rich.text import Text
 
 from app.cli.bars import ShareBar, UsageBar, zone_style
-from app.cli.units import MB, clock, duration, gb, limit_gb, seconds_between, signed_gb
+from app.cli.units import (
+    MB,
+    _number,
+    clock,
+    duration,
+    gb,
+    limit_gb,
+    seconds_between,
+    signed_gb,
+)
 
 Snapshot = Mapping[str, Any]
 FRAGMENTATION_STRANDED_BYTES = 1_000_000_000  # as VortexVRAMFragmentationHigh
@@ -39,10 +48,25 @@ def header(snap: Snapshot, url: str) -> Panel:
         f"allocated {gb(snap.get('allocated_bytes'))}  reserved {gb(snap.get('reserved_bytes'))}"
         f"  free {gb(snap.get('device_free_bytes'))}  non-torch {gb(snap.get('non_torch_bytes'))}",
         style="dim", no_wrap=True, overflow="ellipsis")
-    body = Group(ident, usage, UsageBar(used, total, soft, hard), detail,
+    body = Group(ident, usage, UsageBar(used, total, soft, hard), detail, device_line(snap),
                  fragmentation_line(snap))
     return Panel(body, title=title, title_align="left",
                  subtitle=clock(snap.get("timestamp")), subtitle_align="right")
+
+
+def device_line(snap: Snapshot) -> RenderableType:
+    """Utilisation, temperature and power where NVML gives them (the snapshot's ``gpu_*``
+    fields), ``n/a`` where not: the simulated card, no nvidia-ml-py, a MIG slice."""
+    util, temp = _number(snap.get("gpu_utilization_percent")), _number(
+        snap.get("gpu_temperature_celsius"))
+    power, limit = _number(snap.get("gpu_power_watts")), _number(
+        snap.get("gpu_power_limit_watts"))
+    u = "n/a" if util is None else f"{util:.0f} %"
+    t = "n/a" if temp is None else f"{temp:.0f} °C"
+    p = "n/a" if power is None else f"{power:.0f} W" + (
+        "" if limit is None else f" of {limit:.0f} W")
+    return Fitted(Text(f"gpu utilisation {u}  temperature {t}  power {p}", style="dim"),
+                  Text(f"gpu {u}  {t}  {p}", style="dim"))
 
 
 def fragmentation_line(snap: Snapshot) -> RenderableType:
@@ -97,11 +121,13 @@ class Fitted:
 
 def models_table(models: Mapping[str, Any] | None, *, card_bytes: int | None = None,
                  resident_gb: Mapping[str, float] | None = None,
-                 compact: bool = False) -> Table:
+                 compact: bool = False, bar: bool = True) -> Table:
     """Each model's resident memory, its budget, and its share of the card when the card's
     size is known. ``models`` is ``/vram/models``' answer; without it, the snapshot's
-    ``resident_gb`` figures, and no budgets. ``compact``: name, resident and budget only."""
+    ``resident_gb`` figures, and no budgets. ``compact``: name, resident and budget only;
+    ``bar=False``: no share-of-the-card column (to measure the rest)."""
     rows = []
+    card_bytes = card_bytes if bar else None
     if models is not None:
         for m in models.get("models", []):
             rows.append((str(m.get("name", "?")), m.get("vram_bytes"), m.get("budget_bytes"),
@@ -134,26 +160,85 @@ def models_table(models: Mapping[str, Any] | None, *, card_bytes: int | None = N
     return table
 
 
-def counters(snap: Snapshot) -> Text:
-    """The monitor's counters since the Director started; non-zero trouble is coloured."""
-    text = Text()
-    outcomes = _pairs(snap.get("slot_outcomes"))
-    text.append(f"generations {_n(snap.get('generation_count'))}"
-                + (f" ({outcomes})" if outcomes else ""))
-    _count(text, "failed", snap.get("generations_failed"), "red")
-    _count(text, "OOMs caught", snap.get("ooms_caught"), "red")
-    _count(text, "leak warnings", snap.get("leak_warnings"), "yellow")
-    text.append("\n")
-    _count(text, "soft excursions", snap.get("soft_limit_violations"), "yellow", first=True)
-    _count(text, "hard violations", snap.get("hard_limit_violations"), "red")
-    _count(text, "allocator OOMs", snap.get("num_ooms"), "red")
-    _count(text, "alloc retries", snap.get("num_alloc_retries"), "yellow")
-    _count(text, "backend errors", snap.get("backend_errors"), "red")
-    text.append("\n")
-    _count(text, "cleanups", snap.get("emergency_cleanups"), "", first=True)
-    _count(text, "failed cleanups", snap.get("cleanup_failures"), "red")
-    text.append(f"  admissions {_pairs(snap.get('admissions')) or '—'}")
-    return text
+def counters(snap: Snapshot) -> RenderableType:
+    """The monitor's counters since the Director started, one line per kind (wrapped between
+    figures, never inside one); non-zero trouble is coloured."""
+    trouble = [_figure("OOMs caught", snap.get("ooms_caught"), "red"),
+               _figure("leak warnings", snap.get("leak_warnings"), "yellow"),
+               _figure("soft excursions", snap.get("soft_limit_violations"), "yellow"),
+               _figure("hard violations", snap.get("hard_limit_violations"), "red"),
+               _figure("allocator OOMs", snap.get("num_ooms"), "red"),
+               _figure("alloc retries", snap.get("num_alloc_retries"), "yellow"),
+               _figure("backend errors", snap.get("backend_errors"), "red")]
+    upkeep = [_figure("cleanups", snap.get("emergency_cleanups"), ""),
+              _figure("failed cleanups", snap.get("cleanup_failures"), "red"),
+              Text(f"admissions {_pairs(snap.get('admissions')) or '—'}")]
+    return Flow((" ", slot_counts(snap)), ("  ", trouble), ("  ", upkeep))
+
+
+def slot_counts(snap: Snapshot) -> list[Text]:
+    """Every slot the Director started, once, under one name: ``completed`` (full or degraded)
+    and ``missed`` (aborted: a generation that raised; skipped: refused before it started)
+    add up to ``slots``. From ``slot_outcomes``; ``generation_count`` counts the completed,
+    the aborted and any generation counted without an outcome (``increment_generation_count``,
+    shown as ``other``), and ``generations_failed`` is the aborted again, so neither is shown
+    beside them. A Director without ``slot_outcomes``: its two counts as they are."""
+    outcomes = snap.get("slot_outcomes")
+    generations = _int(snap.get("generation_count"))
+    if not isinstance(outcomes, Mapping):
+        return [Text.assemble(f"generations {_n(snap.get('generation_count'))}  ",
+                              _figure("failed", snap.get("generations_failed"), "red"))]
+    full, degraded, aborted, skipped = (_int(outcomes.get(k)) or 0 for k in (
+        "full", "degraded", "aborted", "skipped"))
+    other = max(0, (generations or 0) - full - degraded - aborted)
+    completed, missed = full + degraded, aborted + skipped
+    head = Text(f"slots {completed + missed + other}:")
+    head.append(f" completed {completed} (full {full}, degraded ")
+    head.append(str(degraded), style="yellow" if degraded else "")
+    head.append(")" + ("," if missed or other else ""))
+    items = [head]
+    if missed:
+        text = Text("missed ")
+        text.append(str(missed), style="red")
+        text.append(f" (aborted {aborted}, skipped {skipped})" + ("," if other else ""))
+        items.append(text)
+    if other:
+        items.append(Text(f"other {other} (counted without an outcome)"))
+    return items
+
+
+class Flow:
+    """Rows of figures, each ``(separator, figures)`` flowed onto as many lines as the width
+    needs, a line broken only between figures; a figure wider than the whole width is cut
+    with an ellipsis (no figure this view shows is, from 80 columns on)."""
+
+    def __init__(self, *rows: tuple[str, list[Text]]) -> None:
+        self.rows = rows
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        out = Text()
+        for sep, row in self.rows:
+            line = Text()
+            for item in row:
+                if line and line.cell_len + len(sep) + item.cell_len > width:
+                    out.append_text(line)
+                    out.append("\n")
+                    line = Text()
+                if line:
+                    line.append(sep)
+                line.append_text(item)
+            line.truncate(width, overflow="ellipsis")
+            if out or line:
+                out.append_text(line)
+                out.append("\n")
+        out.rstrip()
+        out.no_wrap = True
+        yield out
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        widest = max((t.cell_len for _, row in self.rows for t in row), default=0)
+        return Measurement(min(widest, options.max_width), options.max_width)
 
 
 def health(snap: Snapshot) -> Table:
@@ -175,9 +260,9 @@ def health(snap: Snapshot) -> Table:
 
 
 def snapshot_models(snap: Snapshot, models: Mapping[str, Any] | None, *,
-                    compact: bool = False) -> Table:
+                    compact: bool = False, bar: bool = True) -> Table:
     return models_table(models, card_bytes=snap.get("device_total_bytes"),
-                        resident_gb=snap.get("models"), compact=compact)
+                        resident_gb=snap.get("models"), compact=compact, bar=bar)
 
 
 def status_view(snap: Snapshot, models: Mapping[str, Any] | None, url: str) -> RenderableType:
@@ -199,10 +284,13 @@ def _n(value: object) -> str:
     return "—" if value is None else str(value)
 
 
-def _count(text: Text, label: str, value: object, style: str, *, first: bool = False) -> None:
-    text.append(("" if first else "  ") + f"{label} ")
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _figure(label: str, value: object, style: str) -> Text:
     trouble = isinstance(value, int) and value > 0 and style
-    text.append(_n(value), style=style if trouble else "")
+    return Text.assemble(f"{label} ", (_n(value), style if trouble else ""))
 
 
 def _leak(snap: Snapshot) -> Text:

@@ -24,12 +24,11 @@ _COUNTERS = (
     ("hard_limit_violations", "hard limit {hard} violated (allocation refused)", "bold red"),
     ("ooms_caught", "CUDA OOM caught by the monitor", "bold red"),
     ("num_ooms", "allocator OOM", "bold red"),
-    ("generations_failed", "generation failed", "red"),
     ("cleanup_failures", "cleanup failed", "red"),
     ("backend_errors", "backend read failed (the guards were blind)", "red"),
 )
-_OUTCOMES = (("skipped", "slot skipped", "red"), ("aborted", "slot aborted", "red"),
-             ("degraded", "slot degraded (ran below full size)", "yellow"))
+_OUTCOMES = (("skipped", "skipped", "red"), ("aborted", "aborted", "red"),
+             ("degraded", "degraded (ran below full size)", "yellow"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +36,7 @@ class Event:
     at: str  # time of day
     message: str
     style: str
+    slot: str = ""  # "slot 366", "slots to 366", "after slot 366": where the snapshots tell
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,7 @@ class GenerationRow:
     window: histograms.Window
     after_bytes: int | None  # allocated after the window's last slot
     delta_bytes: int | None  # after_bytes minus the same figure a window earlier
+    last_slot: int | None = None  # the slot number of the window's last slot, where known
 
 
 class Tracker:
@@ -102,7 +103,8 @@ class Tracker:
             return
         delta = None if after is None or previous_after is None else after - previous_after
         self.generations.append(
-            GenerationRow(clock(snap.get("timestamp")), w, after, delta))
+            GenerationRow(clock(snap.get("timestamp")), w, after, delta,
+                          _int(snap.get("last_slot"))))
         if self.peaks:
             self.peaks[-1] = w.max_peak_bytes
 
@@ -111,16 +113,19 @@ class Tracker:
             self._event(at, why, "bold red")
         self.trouble = why
 
-    def _event(self, at: str, message: str, style: str) -> None:
-        self.events.append(Event(at, message, style))
+    def _event(self, at: str, message: str, style: str, slot: str = "") -> None:
+        self.events.append(Event(at, message, style, slot))
 
     def _diff(self, at: str, prev: Mapping[str, Any], snap: Mapping[str, Any]) -> None:
         limits = {"soft": limit_gb(snap.get("soft_limit_gb")),
                   "hard": limit_gb(snap.get("hard_limit_gb"))}
-        for key, what, style in _COUNTERS:
+        where = _where(prev, snap)
+        counters = _COUNTERS if isinstance(snap.get("slot_outcomes"), Mapping) else (
+            *_COUNTERS, ("generations_failed", "generation failed", "red"))
+        for key, what, style in counters:
             n = _moved(prev.get(key), snap.get(key))
             if n:
-                self._event(at, _times(what.format(**limits), n), style)
+                self._event(at, _times(what.format(**limits), n), style, where)
         n = _moved(prev.get("emergency_cleanups"), snap.get("emergency_cleanups"))
         if n:
             last = snap.get("last_cleanup") or {}
@@ -133,20 +138,46 @@ class Tracker:
             self._event(at, _times(f"leak warning: {slope:+.2f} MB/generation" + (
                 f", hard limit in {left:.0f} generations" if left is not None else ""), n),
                 "yellow")
+        last = _int(snap.get("last_slot"))
         for key, what, style in _OUTCOMES:
             n = _moved((prev.get("slot_outcomes") or {}).get(key),
                        (snap.get("slot_outcomes") or {}).get(key, 0))
             if n:
-                self._event(at, _times(what, n), style)
+                # A skipped slot never reaches generation(): the monitor keeps no number
+                # for it, only the last slot that ran before.
+                self._event(at, _times(what, n), style, (
+                    "" if last is None else f"after slot {last}") if key == "skipped"
+                    else where)
         n = _moved((prev.get("admissions") or {}).get("refuse"),
                    (snap.get("admissions") or {}).get("refuse", 0))
         if n:
-            self._event(at, _times("admission refused a slot's full size", n), "yellow")
+            self._event(at, _times("admission refused a slot's full size", n), "yellow",
+                        where)
         if snap.get("stalled") and not prev.get("stalled"):
-            self._event(at, f"generation loop STALLED: slot {snap.get('running_slot')}",
-                        "bold red")
+            running = snap.get("running_slot")
+            self._event(at, "generation loop STALLED", "bold red",
+                        "" if running is None else f"slot {running}")
         elif prev.get("stalled") and not snap.get("stalled"):
             self._event(at, "generation loop moves again", "green")
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _where(prev: Mapping[str, Any], snap: Mapping[str, Any]) -> str:
+    """The slot an event between two snapshots happened in, where they tell: the running one
+    when none ended since, the last one when exactly one ended and none runs, "after" the
+    last when none ended or runs (skipped slots, admission refusals); else the range up to
+    the latest ("slots to 366"), or nothing from a Director without the numbers."""
+    running, last = _int(snap.get("running_slot")), _int(snap.get("last_slot"))
+    ended = _moved(prev.get("generation_count"), snap.get("generation_count"))
+    if running is not None and not ended and _int(prev.get("running_slot")) in (None, running):
+        return f"slot {running}"
+    if last is not None and ended <= 1 and running is None:
+        return f"slot {last}" if ended else f"after slot {last}"  # between slots: skipped
+    latest = running if running is not None else last
+    return "" if latest is None else f"slots to {latest}"
 
 
 def _moved(before: object, after: object) -> int:

@@ -93,7 +93,7 @@ def test_status_shows_the_card_at_a_glance(cli: Run, plane, node) -> None:
     for name, size_gb in CARD_MODELS.items():
         row = next(line for line in out.splitlines() if line.strip("│ ").startswith(name))
         assert f"{size_gb:.3f}" in row, row  # resident and budget
-    assert "generations 0" in out and "soft excursions 0" in out
+    assert "slots 0: completed 0 (full 0, degraded 0)" in out and "soft excursions 0" in out
     assert "last cleanup  none since start" in out
     assert "idle; last generation none yet; not stalled" in out
     assert "forecast" not in out  # no slot yet, so no forecast
@@ -107,7 +107,8 @@ def test_status_follows_generations_cleanups_and_the_forecast(cli: Run, plane, n
     monitor.emergency_cleanup()
     code, out, _ = cli("status", "--url", plane.url)
     assert code == 0
-    assert "generations 3 (full 3)" in out
+    assert "slots 3: completed 3 (full 3, degraded 0)" in out
+    assert "missed" not in out and "failed 0" not in out  # nothing missed, one name each
     assert re.search(r"last cleanup  manual at \d\d:\d\d:\d\dZ: freed 0\.\d{3} GB", out), out
     assert re.search(r"last generation ended \d+\.\ds ago", out)
     forecast = next(line for line in out.splitlines() if "forecast" in line)
@@ -465,7 +466,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _generation_count(screen: str) -> int | None:
-    m = re.search(r"generations (\d+) \(", screen)
+    m = re.search(r"slots (\d+): completed", screen)
     return int(m.group(1)) if m else None
 
 
@@ -494,7 +495,7 @@ def _run_top_and_quit(tmux: Tmux, url: str, quit_with: Callable[[], None],
     # The alternate screen is gone, and nothing of top is left on the shell's screen.
     assert tmux("display", "-p", "-t", "cli", "#{alternate_on} #{cursor_flag}").split() == [
         "0", "1"]
-    assert not any(m in after for m in ("flux", "╭", "█", "generations")), after
+    assert not any(m in after for m in ("flux", "╭", "█", "completed")), after
     assert after.rstrip().endswith("cli$"), after
     # The terminal is back in canonical mode with echo: cbreak did not outlive top.
     tmux("send-keys", "-t", "cli",
@@ -529,3 +530,32 @@ def test_top_with_no_director_says_so_in_one_line(tmux: Tmux) -> None:
     assert "top-exited-3" in screen
     assert f"cannot reach the control plane at http://127.0.0.1:{port}" in screen
     assert "Traceback" not in screen and "╭" not in screen  # never drew a screen
+
+
+# -- summary (issue 19) ------------------------------------------------------------------
+
+
+def test_summary_prints_torchs_table_as_it_came(cli: Run, plane, node) -> None:
+    monitor, card = node
+    code, out, err = cli("summary", "--url", plane.url)
+    assert (code, err) == (0, "")
+    assert out == monitor.memory_summary()
+    assert "PyTorch CUDA memory summary" in out and "| Allocated memory      |" in out
+    card.set_faults(reads=True)
+    code, _, err = cli("summary", "--url", plane.url)
+    assert code == 6 and "VRAM backend unavailable" in one_error_line(err)
+
+
+def test_summary_from_something_else_is_one_error_line(cli: Run) -> None:
+    async def app(scope, receive, send):  # a proxy's error page where the summary goes
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/html")]})
+        await send({"type": "http.response.body", "body": b"<html>\xff\xfe</html>"})
+
+    other = serve_in_thread(app)
+    try:
+        code, out, err = cli("summary", "--url", other.url)
+    finally:
+        other.stop()
+    assert code == 1 and out == ""
+    assert "the answer is no memory summary (text/html)" in one_error_line(err)

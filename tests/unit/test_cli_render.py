@@ -76,7 +76,7 @@ def test_events_are_counters_that_moved() -> None:
     messages = [e.message for e in t.events]
     assert messages[0] == "watching sim:0 from generation 3"
     assert set(messages[1:]) == {"soft limit 11.0 exceeded x2", "CUDA OOM caught by the monitor",
-                                 "cleanup (soft_limit) freed 0.150 GB", "slot skipped"}
+                                 "cleanup (soft_limit) freed 0.150 GB", "skipped"}
     assert {e.at for e in list(t.events)[1:]} == {"19:20:33Z"}
     t.add_snapshot(_snap(generation_count=1, device_uuid="SIM-2"))  # another process
     assert t.events[-1].message == "the Director restarted: counters start again"
@@ -92,9 +92,9 @@ def test_stalls_and_outages_are_one_event_each() -> None:
     assert t.trouble == "cannot reach the control plane"
     t.add_snapshot(_snap())
     assert t.trouble is None
-    assert [e.message for e in t.events][1:] == [
-        "generation loop STALLED: slot 4", "cannot reach the control plane",
-        "control plane answers again", "generation loop moves again"]
+    assert [(e.slot, e.message) for e in t.events][1:] == [
+        ("slot 4", "generation loop STALLED"), ("", "cannot reach the control plane"),
+        ("", "control plane answers again"), ("", "generation loop moves again")]
 
 
 def _metrics(count: int, total: float, buckets: dict[str, int]) -> str:
@@ -224,3 +224,55 @@ def test_the_fragmentation_line_turns_yellow_where_the_alert_would_fire() -> Non
     assert style({**FRAG, "free_bytes": 1_500_000_000, "ratio": 0.7253}) == "yellow"
     assert style({**FRAG, "free_bytes": 40 * GB, "largest_allocatable_bytes": 30 * GB,
                   "ratio": 0.25}) == "dim"  # 10 GB out of reach, but a quarter of it
+
+
+def test_the_slot_counts_add_up_under_one_name_each() -> None:
+    """Issue 19 (10): skipped slots are slots too, and "failed" was the aborted ones again."""
+    out = render(status_view(_snap(generation_count=131, generations_failed=1, slot_outcomes={
+        "full": 107, "degraded": 23, "aborted": 1, "skipped": 3859}), None, "u"))
+    assert ("slots 3990: completed 130 (full 107, degraded 23), missed 3860 (aborted 1, "
+            "skipped 3859)") in out
+    assert "generations" not in out and "failed 1" not in out
+    # increment_generation_count counts generations without an outcome
+    out = render(status_view(_snap(generation_count=5, slot_outcomes={"full": 3}), None, "u"))
+    assert "slots 5: completed 3 (full 3, degraded 0), other 2 (counted without an outcome)" \
+        in out
+    # a Director without slot_outcomes: its two counts as they were
+    older = {k: v for k, v in SNAP.items() if k != "slot_outcomes"}
+    assert "generations 3  failed 2" in render(status_view({**older, "generations_failed": 2},
+                                                           None, "u"))
+
+
+def test_figures_wrap_between_them_never_inside() -> None:
+    out = render(status_view(_snap(ooms_caught=12345, leak_warnings=67890), None, "u"),
+                 width=80)
+    lines = [line.strip("│ ") for line in out.splitlines()]
+    assert any(line.startswith("leak warnings 67890") or "leak warnings 67890" in line
+               for line in lines)
+    assert not any(line.endswith(("leak", "OOMs", "soft", "hard")) for line in lines)
+
+
+def test_nvml_figures_where_the_director_has_them() -> None:
+    line = next(x for x in render(status_view(_snap(
+        gpu_utilization_percent=37, gpu_temperature_celsius=61, gpu_power_watts=210.5,
+        gpu_power_limit_watts=350.0), None, "u")).splitlines() if "gpu " in x)
+    assert "gpu utilisation 37 %  temperature 61 °C  power 210 W of 350 W" in line
+    assert "gpu utilisation n/a  temperature n/a  power n/a" in render(status_view(SNAP, None,
+                                                                                  "u"))
+
+
+def test_events_name_their_slot_where_the_snapshots_tell() -> None:
+    t = Tracker()
+    t.add_snapshot(_snap(last_slot=10, running_slot=None))
+    t.add_snapshot(_snap(running_slot=11, soft_limit_violations=1))  # inside slot 11
+    t.add_snapshot(_snap(generation_count=4, last_slot=11, slot_outcomes={"full": 3,
+                         "aborted": 1}, hard_limit_violations=1))  # slot 11 ended: aborted
+    t.add_snapshot(_snap(generation_count=4, last_slot=11, slot_outcomes={
+        "full": 3, "aborted": 1, "skipped": 5}))  # skipped ones have no number
+    t.add_snapshot(_snap(generation_count=7, last_slot=20, slot_outcomes={
+        "full": 5, "degraded": 1, "aborted": 1, "skipped": 5}))  # three ended in between
+    assert [(e.slot, e.message) for e in t.events][1:] == [
+        ("slot 11", "soft limit 11.0 exceeded"),
+        ("slot 11", "hard limit 11.5 violated (allocation refused)"),
+        ("slot 11", "aborted"), ("after slot 11", "skipped x5"),
+        ("slots to 20", "degraded (ran below full size)")]
