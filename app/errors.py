@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from app.units import fmt_gb
+
 if TYPE_CHECKING:
     from app.monitor.records import CleanupResult
 
@@ -18,6 +20,8 @@ class MemoryPressureWarning(UserWarning):
 
 class MemoryLeakWarning(UserWarning):
     """Allocated memory after generations grew past the leak threshold over the leak window."""
+
+
 
 
 class MemoryPressureError(RuntimeError):
@@ -52,7 +56,7 @@ class CleanupCooldownError(RuntimeError):
             why = "a cleanup is running now"
         else:
             why = (f"last cleanup: {last.reason} at {last.timestamp}, "
-                   f"freed {last.freed_bytes / 1e6:.0f}MB")
+                   f"freed {fmt_gb(last.freed_bytes)}")
         super().__init__(
             f"emergency cleanup is cooling down; retry in {retry_after_s:.1f}s ({why})")
         self.retry_after_s = retry_after_s

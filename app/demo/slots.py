@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from app.demo.workload import STAGE_SECONDS, Device, SlotPlan
 from app.errors import MemoryPressureError
 from app.monitor import MIN_SCALE, Admission, VRAMMonitor  # below MIN_SCALE: skipped
+from app.units import fmt_pct
 
 logger = logging.getLogger("app.demo")
 
@@ -88,6 +89,6 @@ def run_slot(
         return SlotResult("aborted", scale, adm, exc.reason, done_s)
     if record.outcome == "degraded":
         logger.info("slot %d ran degraded (%s)", slot,
-                    f"at {scale:.0%} of its activations" if scale < 1.0
+                    f"at {fmt_pct(scale)} of its activations" if scale < 1.0
                     else "a stage shrunk to fit")
     return SlotResult(record.outcome, scale, adm, None, done_s)

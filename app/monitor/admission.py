@@ -23,7 +23,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from app.monitor.placement import AllocatorModel, SlotVerdict
-from app.monitor.records import GB, Admission, CleanupResult, Forecast
+from app.monitor.records import Admission, CleanupResult, Forecast
+from app.units import fmt_gb, fmt_pct, gb_figures
 
 if TYPE_CHECKING:
     from app.backends import AllocatorSample, MemoryBackend
@@ -195,7 +196,7 @@ class Admitter:
             if v2.scale >= 1.0:
                 return self._decided(Admission(
                     "cleanup", v2.peak_bytes, hard - v2.peak_bytes, 1.0,
-                    f"fits once {result.freed_bytes / GB:.3f}GB of cache is released",
+                    f"fits once {fmt_gb(result.freed_bytes)} of cache is released",
                     slot, activation))
             return v2
         # The cleanup did not run: judged as if it were not allowed.
@@ -207,7 +208,7 @@ class Admitter:
         if v.scale >= 1.0 and not v.cleanup:
             return self._decided(Admission(
                 "admit", v.peak_bytes, hard - v.peak_bytes, 1.0,
-                f"forecast {activation / GB:.3f}GB of activations fits", slot, activation))
+                f"forecast {fmt_gb(activation)} of activations fits", slot, activation))
         scale = math.floor(min(v.scale, 0.99995) * 10_000) / 10_000  # never rounded up to 1
         return self._decided(Admission(
             "refuse", v.peak_bytes, hard - v.peak_bytes, scale,
@@ -224,17 +225,20 @@ class Admitter:
 
 
 def refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSample) -> str:
-    share = f"{math.floor(v.scale * 1000) / 10:.1f} % of the forecast activations fit"
+    share = f"{fmt_pct(v.scale)} of the forecast activations fit"
     c = v.cache
+    reserved, hard_limit = gb_figures(s.reserved_bytes, hard)
     if v.bound == "fragmentation" and c is not None:
-        return (f"reserved {s.reserved_bytes / GB:.3f}GB stays above hard_limit "
-                f"{hard / GB:.3f}GB after any cleanup: {c.inactive_split_bytes / GB:.3f}GB of "
-                f"it is inactive split (fragmentation), which no cleanup returns; {share}")
+        return (f"reserved {reserved} stays above hard_limit {hard_limit} after any cleanup: "
+                f"{fmt_gb(c.inactive_split_bytes)} of it is inactive split (fragmentation), "
+                f"which no cleanup returns; {share}")
     if v.bound == "cleanup_disabled":
-        return (f"reserved {s.reserved_bytes / GB:.3f}GB is above hard_limit {hard / GB:.3f}GB "
-                f"and emergency cleanup is off; {share}")
+        return (f"reserved {reserved} is above hard_limit {hard_limit} and emergency cleanup "
+                f"is off; {share}")
     if v.bound == "device" and c is not None:
-        room = c.room_bytes + s.reserved_bytes - s.allocated_bytes
-        return (f"the device has room for {room / GB:.3f}GB of the {activation / GB:.3f}GB "
-                f"forecast (free and cached); {share}")
-    return f"forecast peak {v.peak_bytes / GB:.3f}GB > hard_limit {hard / GB:.3f}GB; {share}"
+        room, forecast = gb_figures(c.room_bytes + s.reserved_bytes - s.allocated_bytes,
+                                    activation)
+        return (f"the device has room for {room} of the {forecast} forecast (free and "
+                f"cached); {share}")
+    peak, hard_limit = gb_figures(v.peak_bytes, hard)
+    return f"forecast peak {peak} > hard_limit {hard_limit}; {share}"

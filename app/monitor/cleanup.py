@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from app.backends import AllocatorSample, MemoryBackend
 from app.errors import CleanupCooldownError
-from app.monitor.records import GB, MB, CleanupResult, to_gb, utc_timestamp
+from app.monitor.records import MB, CleanupResult, to_gb, utc_timestamp
+from app.units import fmt_gb, gb_figures
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,11 @@ class CleanupRunner:
                     self._clock_at[clock] = previous
             elif clock:
                 self._last_by_clock[clock] = result
+        # The card's "Emergency cleanup freed 150MB (11.1GB → 10.95GB)", in GB as every
+        # other figure an operator reads (the CLI says "freed 0.150 GB" of the same cleanup).
         logger.info(
-            "Emergency cleanup freed %.0fMB (%.2fGB → %.2fGB), reason=%s", freed / MB,
-            before.reserved_bytes / GB, after.reserved_bytes / GB, reason,
+            "Emergency cleanup freed %s (%s → %s), reason=%s", fmt_gb(freed),
+            *gb_figures(before.reserved_bytes, after.reserved_bytes), reason,
             extra={"vram_event": "emergency_cleanup", "reason": reason, "freed_mb": freed / MB,
                    "reserved_before_gb": to_gb(before.reserved_bytes),
                    "reserved_after_gb": to_gb(after.reserved_bytes),

@@ -26,7 +26,8 @@ from collections import deque
 
 from app.errors import MemoryLeakWarning
 from app.monitor.events import warn_safely
-from app.monitor.records import GB, MB, LeakFinding, LeakTrend, to_gb
+from app.monitor.records import MB, LeakFinding, LeakTrend, to_gb
+from app.units import fmt_gb_signed, gb_figures
 
 logger = logging.getLogger("app.monitor.monitor")
 
@@ -39,11 +40,13 @@ def report_leak(f: LeakFinding, *, device: str, python_warnings: bool,
         "" if f.generations_to_hard_limit is None
         else f", ~{f.generations_to_hard_limit:.0f} generations left before the hard limit"
     )
+    # The card's "initial_usage=10.8GB, current_usage=11.0GB, delta=+0.2GB, generations=100";
+    # delta is current - initial, as a record's delta_bytes. The trend is a rate: MB a slot.
+    initial, current = gb_figures(f.initial_bytes, f.current_bytes)
     msg = (
-        f"Potential VRAM leak: initial_usage={f.initial_bytes / GB:.2f}GB, "
-        f"current_usage={f.current_bytes / GB:.2f}GB, delta=+{f.delta_bytes / GB:.2f}GB, "
-        f"generations={f.generations} (trend {f.bytes_per_generation / MB:+.2f}MB/generation"
-        f"{left})"
+        f"Potential VRAM leak: initial_usage={initial}, current_usage={current}, "
+        f"delta={fmt_gb_signed(f.delta_bytes)}, generations={f.generations} "
+        f"(trend {f.bytes_per_generation / MB:+.2f}MB/generation{left})"
     )
     logger.warning(msg, extra={
         "vram_event": "leak_suspected" if count else "leak_check",
@@ -52,6 +55,7 @@ def report_leak(f: LeakFinding, *, device: str, python_warnings: bool,
         "generations": f.generations, "bytes_per_generation": f.bytes_per_generation,
         "generations_to_hard_limit": f.generations_to_hard_limit, "device": device})
     warn_safely(MemoryLeakWarning(msg), enabled=python_warnings, stacklevel=6)
+    warn_safely(MemoryLeakWarning(msg), enabled=python_warnings)
 
 
 def trend(samples: list[int], hard_limit_bytes: int) -> LeakTrend:

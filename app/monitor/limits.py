@@ -13,7 +13,8 @@ from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
 from app.monitor.placement import LIMIT_BASES, AllocatorModel, Verdict
-from app.monitor.records import GB, CleanupResult, to_gb
+from app.monitor.records import CleanupResult, to_gb
+from app.units import fmt_gb, fmt_pct, gb_figures
 
 logger = logging.getLogger("app.monitor.monitor")
 
@@ -47,20 +48,20 @@ def request_size(value: object, name: str = "requested_bytes") -> int:
 def _why(v: Verdict, hard_limit: int) -> str:
     if not v.placeable:
         return "(the whole request cannot be placed: fragmentation)"
-    return f"under hard_limit={hard_limit / GB:.3f}GB"
+    return f"under hard_limit={fmt_gb(hard_limit)}"
 
 
 def _unplaceable(requested: int, v: Verdict) -> str:
     """Why the allocator cannot place a request, from the cache's answer."""
     c = v.cache
     if c is None:  # pragma: no cover - an unplaceable verdict always read the cache
-        return f"the allocator cannot place {requested / GB:.3f}GB"
-    return (f"the allocator cannot place {requested / GB:.3f}GB: no cached block fits (largest "
-            f"free block {c.largest_free_block_bytes / GB:.3f}GB) and a new "
-            f"{c.new_bytes / GB:.3f}GB segment does not fit the device's "
-            f"{c.room_bytes / GB:.3f}GB of room even after releasing "
-            f"{c.releasable_bytes / GB:.3f}GB of cache (fragmentation: "
-            f"{c.inactive_split_bytes / GB:.3f}GB inactive split)")
+        return f"the allocator cannot place {fmt_gb(requested)}"
+    want, largest = gb_figures(requested, c.largest_free_block_bytes)
+    segment, room = gb_figures(c.new_bytes, c.room_bytes)
+    return (f"the allocator cannot place {want}: no cached block fits (largest free block "
+            f"{largest}) and a new {segment} segment does not fit the device's {room} of room "
+            f"even after releasing {fmt_gb(c.releasable_bytes)} of cache (fragmentation: "
+            f"{fmt_gb(c.inactive_split_bytes)} inactive split)")
 
 
 class LimitGuard:
@@ -176,9 +177,10 @@ class LimitGuard:
                 or (fv.cleanup and self._recover(fv, context) is None):
             self._refuse(s, requested_bytes, v, context)  # raises
         if logger.isEnabledFor(logging.INFO):  # the record is built only for a reader
-            logger.info("allocation%s shrunk to fit: %.3fGB of the %.3fGB asked for (%.1f%%) "
-                        "%s", _ctx(context), fitted / GB, requested_bytes / GB,
-                        100 * fitted / requested_bytes, _why(v, self.hard_limit_bytes),
+            got, asked = gb_figures(fitted, requested_bytes)
+            logger.info("allocation%s shrunk to fit: %s of the %s asked for (%s) %s",
+                        _ctx(context), got, asked, fmt_pct(fitted / requested_bytes),
+                        _why(v, self.hard_limit_bytes),
                         extra={"vram_event": "allocation_fitted", "context": context,
                                "requested_gb": to_gb(requested_bytes),
                                "fitted_gb": to_gb(fitted), "placeable": v.placeable,
@@ -201,8 +203,8 @@ class LimitGuard:
         v2 = self._model.request(after, v.cache.request_bytes if v.cache else 0)
         if not v2.ok or v2.cleanup:
             return None
-        logger.info("allocation%s fits after releasing %.3fGB of cache: %.3fGB", _ctx(context),
-                    result.freed_bytes / GB, v2.projected_bytes / GB)
+        logger.info("allocation%s fits after releasing %s of cache: %s", _ctx(context),
+                    fmt_gb(result.freed_bytes), fmt_gb(v2.projected_bytes))
         return v2.projected_bytes
 
     def cache(self) -> CacheState | None:
@@ -221,6 +223,7 @@ class LimitGuard:
             # Issued before any hard-limit error, so an excursion counted is one warned of.
             msg = self._log_crossing("soft", usage, context, logging.WARNING)
             warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings, stacklevel=4)
+            warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings)
         # A cleanup runs only when the model says it returns something: one that frees 0 B
         # costs the loop a gc pass (~100 ms) for nothing.
         cache = self.cache() if self._cleanup is not None else None
@@ -239,8 +242,9 @@ class LimitGuard:
         result = self._cleanup("hard_limit", recoverable)
         if recoverable and result is not None and (
                 result.reserved_after_bytes <= self.hard_limit_bytes):
-            logger.warning("VRAM back under the hard limit after cleanup%s: %.3fGB",
-                           _ctx(context), result.reserved_after_bytes / GB)
+            after, hard_limit = gb_figures(result.reserved_after_bytes, self.hard_limit_bytes)
+            logger.warning("VRAM back under the hard limit after cleanup%s: %s (hard_limit=%s)",
+                           _ctx(context), after, hard_limit)
             return
         raise MemoryPressureError(msg, reason="hard_limit")
 
@@ -249,10 +253,13 @@ class LimitGuard:
             self.hard_violations += 1
         usage = s[self._basis]
         if v.placeable:
+            # The card's "current_usage=11.2GB, requested=0.8GB, hard_limit=11.5GB", in one
+            # unit, and the limit and the projection never printed alike.
+            now, asked, hard_limit, reach = gb_figures(
+                usage, requested, self.hard_limit_bytes, v.projected_bytes)
             msg = (
-                f"Allocation refused{_ctx(context)}: current_usage={usage / GB:.2f}GB, "
-                f"requested={requested / GB:.2f}GB, hard_limit={self.hard_limit_bytes / GB:.2f}GB "
-                f"(would reach {v.projected_bytes / GB:.2f}GB)"
+                f"Allocation refused{_ctx(context)}: current_usage={now}, "
+                f"requested={asked}, hard_limit={hard_limit} (would reach {reach})"
             )
         else:
             msg = f"Allocation refused{_ctx(context)}: {_unplaceable(requested, v)}"
@@ -273,12 +280,15 @@ class LimitGuard:
 
     def _log_crossing(self, which: str, usage: int, context: str, level: int) -> str:
         limit = self.soft_limit_bytes if which == "soft" else self.hard_limit_bytes
+        # The card's "current_usage=11.3GB, soft_limit=11.0GB, delta=+0.3GB", with the excess
+        # named over_by (a record's delta_bytes is a slot's change) and the figures distinct.
+        now, limit_text = gb_figures(usage, limit)
         msg = (
-            f"VRAM {which} limit exceeded{_ctx(context)}: current_usage={usage / GB:.2f}GB, "
-            f"{which}_limit={limit / GB:.2f}GB, delta=+{(usage - limit) / GB:.2f}GB"
+            f"VRAM {which} limit exceeded{_ctx(context)}: current_usage={now}, "
+            f"{which}_limit={limit_text}, over_by={fmt_gb(usage - limit)}"
         )
         logger.log(level, msg, extra={
             "vram_event": f"{which}_limit_exceeded", "context": context,
             "current_usage_gb": to_gb(usage), f"{which}_limit_gb": to_gb(limit),
-            "delta_gb": to_gb(usage - limit), "device": self._device})
+            "over_by_gb": to_gb(usage - limit), "device": self._device})
         return msg

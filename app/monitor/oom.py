@@ -22,10 +22,13 @@ def where(slot: int | None, stage: str | None) -> str:
 
 
 def oom_error(oom: BaseException, slot: int | None, stage: str | None) -> MemoryPressureError:
-    """The error the slot's caller gets for an OOM: the first line of the allocator's."""
+    """The error the slot's caller gets for an OOM: the first line of the allocator's, in its
+    own words and PyTorch's binary units (MiB, GiB: 2^20, 2^30 bytes), said as such, since
+    every figure the monitor writes itself is in decimal GB."""
     text = str(oom)
     first_line = text.splitlines()[0] if text else type(oom).__name__
-    return MemoryPressureError(f"CUDA out of memory in {where(slot, stage)}: {first_line}",
+    units = " (the allocator's message, in binary MiB/GiB)" if "iB" in first_line else ""
+    return MemoryPressureError(f"CUDA out of memory in {where(slot, stage)}{units}: {first_line}",
                                reason="oom")
 
 

@@ -10,14 +10,12 @@ from typing import Any, NamedTuple
 
 import orjson
 
-GB = 1_000_000_000
-MB = 1_000_000
+# Re-exported: the monitor's modules take the units from here.
+from app.units import GB as GB
+from app.units import MB as MB
+from app.units import to_gb as to_gb
+
 BUDGET_SLACK_BYTES = 2 << 20
-
-
-def to_gb(nbytes: float) -> float:
-    """Bytes to GB for people: 10^9 bytes, three decimals (a megabyte is the last digit)."""
-    return round(nbytes / GB, 3)
 
 
 def utc_timestamp(unix_s: float | None = None) -> str:

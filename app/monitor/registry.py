@@ -13,6 +13,7 @@ from app.backends import MemoryBackend
 from app.errors import MemoryPressureError
 from app.monitor.modules import module_bytes
 from app.monitor.records import GB, ModelRecord
+from app.units import fmt_gb, gb_figures
 
 logger = logging.getLogger("app.monitor.monitor")
 
@@ -90,12 +91,13 @@ class ModelRegistry:
             if record.name in self._models and not replace:
                 raise ValueError(f"model {record.name!r} is already registered")
             self._models[record.name] = record
-        logger.info("model %s resident: %.2fGB%s", record.name, record.vram_bytes / GB,
-                    "" if record.budget_bytes is None
-                    else f" (budget {record.budget_bytes / GB:.2f}GB)")
+        if record.budget_bytes is None:
+            logger.info("model %s resident: %s", record.name, fmt_gb(record.vram_bytes))
+            return
+        resident, budget = gb_figures(record.vram_bytes, record.budget_bytes)
+        logger.info("model %s resident: %s (budget %s)", record.name, resident, budget)
         if record.over_budget:
-            logger.warning("model %s over budget: %.2fGB > %.2fGB", record.name,
-                           record.vram_bytes / GB, record.budget_bytes / GB)
+            logger.warning("model %s over budget: %s > %s", record.name, resident, budget)
 
     def remove(self, name: str) -> ModelRecord | None:
         with self._lock:
@@ -121,13 +123,14 @@ class ModelRegistry:
         for name, nbytes in buffers.items():
             running += nbytes
             if running > hard_limit_bytes:
-                misfits.append(f"{name} ({nbytes / GB:.2f}GB)")
+                misfits.append(f"{name} ({fmt_gb(nbytes)})")
         if misfits:
+            total = sum(buffers.values())
+            hard, models, headroom, wanted = gb_figures(
+                hard_limit_bytes, resident, hard_limit_bytes - resident, total)
             raise MemoryPressureError(
-                f"Buffers do not fit under hard_limit={hard_limit_bytes / GB:.2f}GB next to "
-                f"resident models {resident / GB:.2f}GB: {', '.join(misfits)} "
-                f"(all buffers {sum(buffers.values()) / GB:.2f}GB, "
-                f"headroom {(hard_limit_bytes - resident) / GB:.2f}GB)",
+                f"Buffers do not fit under hard_limit={hard} next to resident models "
+                f"{models}: {', '.join(misfits)} (all buffers {wanted}, headroom {headroom})",
                 reason="buffers",
             )
         return hard_limit_bytes - running

@@ -42,13 +42,15 @@ def test_case_2_soft_limit_warning_generation_continues(monitor, card, caplog):
         more = card.allocate(10 * MB)  # generation continues
         card.free(more)
     msg = str(warned[0].message)
-    assert "current_usage=11.30GB, soft_limit=11.00GB, delta=+0.30GB" in msg
+    # The card's "current_usage=11.3GB, soft_limit=11.0GB, delta=+0.3GB", in three decimals
+    # as every figure, the excess named over_by (delta is a slot's change, as delta_bytes).
+    assert "current_usage=11.300GB, soft_limit=11.000GB, over_by=0.300GB" in msg
     assert monitor.soft_limit_violations == 1
     (rec,) = [r for r in caplog.records
               if r.levelno == logging.WARNING and "soft" in r.getMessage()]
     assert rec.current_usage_gb == pytest.approx(11.3, abs=0.001)
     assert rec.soft_limit_gb == 11.0
-    assert rec.delta_gb == pytest.approx(0.3, abs=0.001)
+    assert rec.over_by_gb == pytest.approx(0.3, abs=0.001)
 
 
 def test_case_3_hard_limit_refuses_before_allocation(card, caplog):
@@ -60,14 +62,14 @@ def test_case_3_hard_limit_refuses_before_allocation(card, caplog):
     before = card.sample()
     with pytest.raises(MemoryPressureError) as err:
         monitor.check_allocation(800 * MB, "liveportrait warp")
-    assert "current_usage=11.20GB, requested=0.80GB, hard_limit=11.50GB" in str(err.value)
+    assert "current_usage=11.200GB, requested=0.800GB, hard_limit=11.500GB" in str(err.value)
     after = card.sample()
     assert after.allocated_bytes == before.allocated_bytes  # nothing was allocated
     assert after.num_ooms == 0  # and no OOM happened
     assert monitor.hard_limit_violations == 1
     assert monitor.emergency_cleanups == 1  # cleanup was triggered
     assert after.reserved_bytes < before.reserved_bytes
-    assert any(r.levelno == logging.ERROR and "requested=0.80GB" in r.getMessage()
+    assert any(r.levelno == logging.ERROR and "requested=0.800GB" in r.getMessage()
                for r in caplog.records)
     assert scratch
 
@@ -100,8 +102,8 @@ def test_case_5_leak_detected_on_the_100th_generation(monitor, card):
         kept.extend(allocate_exact(card, 2 * MB))
     msg = str(warned[0].message)
     assert "generations=100" in msg
-    assert "initial_usage=10.80GB" in msg
-    assert re.search(r"current_usage=11\.00GB, delta=\+0\.20GB", msg)
+    assert "initial_usage=10.800GB" in msg
+    assert re.search(r"current_usage=11\.000GB, delta=\+0\.200GB", msg)
     trend = monitor.leak_trend()
     assert trend.bytes_per_generation == pytest.approx(2 * MB, rel=0.01)
     # 11.5 GB hard limit, 11.0 GB now, 2 MB a generation: ~250 left.
@@ -131,7 +133,8 @@ def test_case_6_emergency_cleanup_on_soft_limit(card, caplog):
     after = card.sample()
     assert after.reserved_bytes == pytest.approx(10.95 * GB, abs=5 * MB)  # measured again
     (rec,) = [r for r in caplog.records if r.getMessage().startswith("Emergency cleanup")]
-    assert re.fullmatch(r"Emergency cleanup freed 15\dMB \(11\.10GB → 10\.95GB\), "
+    # The card's "freed 150MB (11.1GB → 10.95GB)", in GB with three decimals throughout.
+    assert re.fullmatch(r"Emergency cleanup freed 0\.15\dGB \(11\.1\d\dGB → 10\.95\dGB\), "
                         r"reason=soft_limit", rec.getMessage())
 
 

@@ -49,7 +49,7 @@ def test_soft_limit_is_edge_triggered_with_hysteresis(monitor, card, caplog):
 def test_hard_limit_raises_on_every_check(monitor, card):
     allocate_exact(card, int(11.6 * GB))
     for _ in range(3):
-        with pytest.raises(MemoryPressureError, match=r"hard_limit=11\.50GB"):
+        with pytest.raises(MemoryPressureError, match=r"hard_limit=11\.500GB"):
             monitor.check_limits("slot 7")
     assert monitor.hard_limit_violations == 3
     assert monitor.soft_limit_violations == 1  # the same excursion crossed the soft limit once
@@ -116,7 +116,7 @@ def test_validate_buffers(monitor, card):
     load_card_models(monitor, card)  # 10.8 GB, 0.7 GB under the hard limit
     headroom = monitor.validate_buffers({"actor": 200 * MB, "audio": 100 * MB})
     assert headroom == pytest.approx(400 * MB, abs=1024)
-    with pytest.raises(MemoryPressureError, match=r"video \(0\.50GB\)") as err:
+    with pytest.raises(MemoryPressureError, match=r"video \(0\.500GB\)") as err:
         monitor.validate_buffers({"actor": 200 * MB, "video": 500 * MB, "audio": 100 * MB})
     assert "actor" not in str(err.value).split(":")[1]
     with pytest.raises(ValueError, match="audio"):
@@ -222,7 +222,7 @@ def test_increment_generation_count_and_detect_memory_leak(card):
     monitor = VRAMMonitor(backend=card, leak_window=10, leak_threshold_mb=5)
     assert monitor.detect_memory_leak() is False  # sets the baseline
     kept = allocate_exact(card, 10 * MB)
-    with pytest.warns(Warning, match="delta=\\+0.01GB"):
+    with pytest.warns(Warning, match="delta=\\+0.010GB"):
         assert monitor.detect_memory_leak() is True
     for _ in range(9):
         monitor.increment_generation_count()
