@@ -6,6 +6,7 @@ Warnings subclass ``UserWarning`` so callers can filter or escalate them with th
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from app.units import fmt_gb
@@ -22,6 +23,13 @@ class MemoryLeakWarning(UserWarning):
     """Allocated memory after generations grew past the leak threshold over the leak window."""
 
 
+# The monitor logs each of these itself, and that log line is what an operator reads: a copy
+# printed by the warnings module would say every one twice. So, as Python does for
+# DeprecationWarning, they are not shown unless asked for; any filter a caller sets (``-W
+# error`` or ``-W default``, ``simplefilter``, ``pytest.warns``, ``catch_warnings``) comes
+# before this one, appended last, and decides instead.
+for _category in (MemoryPressureWarning, MemoryLeakWarning):
+    warnings.filterwarnings("ignore", category=_category, append=True)
 
 
 class MemoryPressureError(RuntimeError):

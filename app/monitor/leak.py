@@ -54,7 +54,6 @@ def report_leak(f: LeakFinding, *, device: str, python_warnings: bool,
         "current_usage_gb": to_gb(f.current_bytes), "delta_gb": to_gb(f.delta_bytes),
         "generations": f.generations, "bytes_per_generation": f.bytes_per_generation,
         "generations_to_hard_limit": f.generations_to_hard_limit, "device": device})
-    warn_safely(MemoryLeakWarning(msg), enabled=python_warnings, stacklevel=6)
     warn_safely(MemoryLeakWarning(msg), enabled=python_warnings)
 
 

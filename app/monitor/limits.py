@@ -222,7 +222,6 @@ class LimitGuard:
         if soft_edge:
             # Issued before any hard-limit error, so an excursion counted is one warned of.
             msg = self._log_crossing("soft", usage, context, logging.WARNING)
-            warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings, stacklevel=4)
             warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings)
         # A cleanup runs only when the model says it returns something: one that frees 0 B
         # costs the loop a gc pass (~100 ms) for nothing.
