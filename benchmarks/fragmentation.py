@@ -388,17 +388,13 @@ def make_guard(name: str, card: SimulatedBackend, cooldown_s: float) -> Any:
                        python_warnings=False)
 
 
-def run(name: str, expandable: bool, first_adapter: tuple[int, ...], plans: list[SlotPlan],
-        cooldown_s: float, progress: bool = True) -> dict[str, Any]:
+def _run_slots(name: str, label: str, guard: Any, director: Any, plans: list[SlotPlan],
+               progress: bool) -> tuple[list[tuple[str, int]], float]:
+    """Every slot in order, the app's logs quiet: (the cleanups with what they freed, the
+    seconds the slots took)."""
     from tqdm import tqdm
 
-    card = make_card(expandable)
-    for spec in MODELS:
-        load_weights(card, int(spec.resident_gb * GB))
-    guard = make_guard(name, card, cooldown_s)
-    director = Director(guard, card, first_adapter)
     log = CleanupLog()
-    label = f"{name}, expandable {'on' if expandable else 'off'}"
     t0 = time.perf_counter()
     with quiet_app_logs(log):
         for slot, plan in enumerate(tqdm(plans, desc=f"{label:<24}", unit="slot",
@@ -407,6 +403,18 @@ def run(name: str, expandable: bool, first_adapter: tuple[int, ...], plans: list
     elapsed = time.perf_counter() - t0
     cleanups = log.cleanups if name == "new" else [
         (c.reason, c.freed_bytes) for c in getattr(guard, "cleanups", [])]
+    return cleanups, elapsed
+
+
+def run(name: str, expandable: bool, first_adapter: tuple[int, ...], plans: list[SlotPlan],
+        cooldown_s: float, progress: bool = True) -> dict[str, Any]:
+    card = make_card(expandable)
+    for spec in MODELS:
+        load_weights(card, int(spec.resident_gb * GB))
+    guard = make_guard(name, card, cooldown_s)
+    director = Director(guard, card, first_adapter)
+    label = f"{name}, expandable {'on' if expandable else 'off'}"
+    cleanups, elapsed = _run_slots(name, label, guard, director, plans, progress)
     return summarise(name, expandable, director, card, guard, cleanups, elapsed)
 
 
@@ -603,24 +611,14 @@ class ModelsDirector(Director):
 def run_models(name: str, expandable: bool, first_adapter: tuple[int, ...],
                plans: list[SlotPlan], shapes: list[SlotShape], stages: ModelStages,
                cooldown_s: float, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
     card = make_card(expandable)
     t0 = time.perf_counter()
     resident = stages.load(card)
     load_s = time.perf_counter() - t0
     guard = make_guard(name, card, cooldown_s)
     director = ModelsDirector(guard, card, first_adapter, stages, shapes)
-    log = CleanupLog()
     label = f"{name}, expandable {'on' if expandable else 'off'}"
-    t0 = time.perf_counter()
-    with quiet_app_logs(log):
-        for slot, plan in enumerate(tqdm(plans, desc=f"{label:<24}", unit="slot",
-                                         disable=not progress), start=1):
-            director.run(slot, plan)
-    elapsed = time.perf_counter() - t0
-    cleanups = log.cleanups if name == "new" else [
-        (c.reason, c.freed_bytes) for c in getattr(guard, "cleanups", [])]
+    cleanups, elapsed = _run_slots(name, label, guard, director, plans, progress)
     summary = summarise(name, expandable, director, card, guard, cleanups, elapsed)
     stats = card.memory_stats()
     director.release()

@@ -6,19 +6,17 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-import weakref
 
 import pytest
 import torch
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("kokoro")
 
 from app.models import kokoro as kk
 from app.models import liveportrait as lp
+from tests.meta_storages import NewStorages
 
 NETWORKS = (
     "appearance_feature_extractor",
@@ -63,47 +61,6 @@ def derived_weight_bytes(module: torch.nn.Module) -> int:
                 if storage._cdata not in state:
                     derived[storage._cdata] = storage.nbytes()
     return sum(derived.values())
-
-
-class NewStorages(TorchDispatchMode):
-    """Counts the meta storages the ops create and the peak of their live bytes.
-
-    An output whose storage is among the op's inputs' is a view or an in-place result, not new.
-    A storage's end is seen by ``weakref.finalize`` on it: PyTorch keeps one Python object per
-    storage alive for as long as any tensor uses it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.live = 0
-        self.peak = 0
-
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        seen = {
-            t.untyped_storage()._cdata
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            # the CPU-side bookkeeping (lengths, durations) is not device memory
-            if not isinstance(t, torch.Tensor) or not t.is_meta:
-                continue
-            storage = t.untyped_storage()
-            if storage._cdata in seen:
-                continue
-            seen.add(storage._cdata)
-            nbytes = storage.nbytes()
-            self.count += 1
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, nbytes)
-        return out
 
 
 @pytest.fixture(scope="module")

@@ -5,55 +5,15 @@ not a few per time step, and a workspace that is gone when the call returns."""
 from __future__ import annotations
 
 import contextlib
-import weakref
 from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from app.models.rnn import cudnn_rnn, workspace_bytes
-
-
-class NewStorages(TorchDispatchMode):
-    """The bytes of each meta storage the ops create, in order, and the peak of the live ones.
-
-    An output whose storage is among the op's inputs' is a view or an in-place result, not new.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: list[int] = []
-        self.live = 0
-        self.peak = 0
-
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        seen = {
-            t.untyped_storage()._cdata
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or not t.is_meta:
-                continue
-            storage = t.untyped_storage()
-            if storage._cdata in seen:
-                continue
-            seen.add(storage._cdata)
-            nbytes = storage.nbytes()
-            self.sizes.append(nbytes)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, nbytes)
-        return out
+from tests.meta_storages import NewStorages
 
 
 def tensors(out) -> list[torch.Tensor]:
