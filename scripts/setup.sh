@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv for vortex-vram: torch, then the project with its test and models extras.
 # Idempotent: a venv whose torch imports and whose project install matches pyproject.toml is
-# left as it is (a second run takes about a second). Used by scripts/demo.sh, scripts/test.sh
+# left as it is (a second run takes about two seconds). Used by scripts/demo.sh, scripts/test.sh
 # and .ci/run.
 #
 # torch: an installed torch of 2.13 or later is kept (a GPU host's CUDA build above all).
