@@ -345,18 +345,23 @@ class Director:
                 g.skip_slot(slot, adm.reason)
                 return "skipped"
             scale = adm.activation_scale
-        shrunk = False
         try:
             with g.generation(slot, scale=scale):
-                for stage, blocks in plan.stages:
-                    with g.stage(stage):
-                        for block in blocks:
-                            shrunk |= self._block(slot, stage, block, scale)
+                shrunk = self._stages(slot, plan, scale)
         except MemoryPressureError as exc:
             return "aborted_oom" if exc.reason == "oom" else "aborted_refused"
         except OutOfMemoryError:
             return "aborted_oom"  # the naive guard: nothing catches it
         return "degraded" if scale < 1.0 or shrunk else "full"
+
+    def _stages(self, slot: int, plan: SlotPlan, scale: float) -> bool:
+        """The slot's stages inside its generation; whether one was shrunk to fit."""
+        shrunk = False
+        for stage, blocks in plan.stages:
+            with self.guard.stage(stage):
+                for block in blocks:
+                    shrunk |= self._block(slot, stage, block, scale)
+        return shrunk
 
     def _block(self, slot: int, stage: str, block: Block, scale: float) -> bool:
         """One activation block, then its caches; whether the block was shrunk to fit."""
@@ -518,28 +523,16 @@ class ModelsDirector(Director):
         super().__init__(guard, card, first_adapter)
         self.stages, self.shapes = stages, shapes
 
-    def _slot(self, slot: int, plan: SlotPlan) -> str:
-        g, timer = self.guard, self.timer
-        adm = timer("admit", g.admit, slot)
-        scale = 1.0
-        if adm.decision == "refuse":
-            if adm.activation_scale < MIN_SCALE:
-                g.skip_slot(slot, adm.reason)
-                return "skipped"
-            scale = adm.activation_scale
+    def _stages(self, slot: int, plan: SlotPlan, scale: float) -> bool:
+        """The real stages at the slot's shape; the synthetic plan's blocks give only their
+        caches (the jobs' draws are shared)."""
         blocks = dict(plan.stages)
         shape = self.shapes[slot - 1]
         shrunk = False
-        try:
-            with g.generation(slot, scale=scale):
-                for stage in STAGES:
-                    with g.stage(stage):
-                        shrunk |= self._stage(slot, stage, shape, scale, blocks.get(stage, ()))
-        except MemoryPressureError as exc:
-            return "aborted_oom" if exc.reason == "oom" else "aborted_refused"
-        except OutOfMemoryError:
-            return "aborted_oom"
-        return "degraded" if scale < 1.0 or shrunk else "full"
+        for stage in STAGES:
+            with self.guard.stage(stage):
+                shrunk |= self._stage(slot, stage, shape, scale, blocks.get(stage, ()))
+        return shrunk
 
     def _stage(self, slot: int, stage: str, shape: SlotShape, scale: float,
                blocks: tuple[Block, ...]) -> bool:

@@ -77,11 +77,10 @@ class ModelsDevice(SimulatedDevice):
         """Replay the stage at the largest preset within ``scale`` of the plan's shape."""
         shape = plan.shape if isinstance(plan.shape, SlotShape) else SlotShape()
         shape = shape.scaled(scale)
-        repeats = shape.repeats(stage)
-        if not self.traces.known(stage, shape):
-            self.traces.get(stage, shape)  # the real forward, once: it was one of the runs
-            repeats -= 1
+        # A shape's first use runs the real forward to trace it: that was one of the runs.
+        traced_now = not self.traces.known(stage, shape)
         trace = self.traces.get(stage, shape)
+        repeats = shape.repeats(stage) - traced_now
         if self._per_call:
             replay(trace, self.backend.allocate, self.backend.free, repeats)
         else:
