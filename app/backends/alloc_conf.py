@@ -1,12 +1,14 @@
-"""The caching allocator's settings (``PYTORCH_ALLOC_CONF``) and the size rules they change.
+"""The caching allocator's settings (``PYTORCH_CUDA_ALLOC_CONF``) and the size rules they change.
 
-The constants and rules are c10/cuda/CUDACachingAllocator.cpp's; the parser follows
-c10/core/AllocatorConfig.cpp and c10/cuda/CUDAAllocatorConfig.cpp as torch 2.13 ships them:
-the text is cut into tokens at ``,`` ``:`` ``[`` ``]`` (spaces dropped), each key is followed
-by ``:`` and its value, pairs are separated by ``,``, and every parse starts from the defaults,
-so a key left out of a new text is back at its default (``test_allocator_settings`` relies on
-it). ``PYTORCH_ALLOC_CONF`` is read first; ``PYTORCH_CUDA_ALLOC_CONF`` is its older name, used
-only when the new one is unset.
+The constants and rules are c10/cuda/CUDACachingAllocator.cpp's; the text is parsed by
+app/backends/torch_config.py, a line-for-line port of torch 2.13's own parsers, so that a text
+is accepted, refused and applied as torch applies it. ``AllocatorSettings`` is what the
+allocator reads of that state.
+
+At start torch reads ``PYTORCH_CUDA_ALLOC_CONF``, then ``PYTORCH_HIP_ALLOC_CONF``, then
+``PYTORCH_ALLOC_CONF``: the first one set wins (c10/core/AllocatorConfig.cpp keeps the older
+names first "to keep the parsing order stable"), even though the newest name is the one the
+documentation recommends.
 
 The simulated card applies these settings; the monitor's allocator model reads them from the
 backend, so that a request is judged by the rules the allocator will really apply.
@@ -19,24 +21,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.backends import torch_config
+from app.backends.torch_config import LARGE_BUFFER, ROUNDUP_INTERVALS, SIZE_MAX, State
+
 MiB = 1 << 20
 MIN_BLOCK = 512  # kMinBlockSize: every block is a multiple of it
 SMALL_SIZE = 1 * MiB  # kSmallSize: requests up to this size use the small pool
 SMALL_BUFFER = 2 * MiB  # kSmallBuffer: a small-pool segment (and an expandable page there)
-LARGE_BUFFER = 20 * MiB  # kLargeBuffer: the segment for 1-10 MiB requests (and a large page)
 MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: from here a segment is the rounded request
 ROUND_LARGE = 2 * MiB  # kRoundLarge
-ROUNDUP_INTERVALS = 16  # kRoundUpPowerOfTwoIntervals: 1 MiB, 2 MiB, ... 32 GiB and above
-SIZE_MAX = (1 << 64) - 1
 NO_DIVISIONS = (0,) * ROUNDUP_INTERVALS  # the default: plain 512-byte rounding
 
-ENV_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-_BOOL_KEYS = ("expandable_segments", "release_lock_on_cudamalloc",
-              "pinned_use_cuda_host_register", "pinned_use_background_threads",
-              "graph_capture_record_stream_reuse")
-# Accepted and kept, but they change nothing the monitor can see of device memory.
-_PASSIVE_INT_KEYS = ("pinned_num_register_threads", "pinned_reserve_segment_size_mb")
-_BACKENDS = ("native", "cudaMallocAsync")
+# The order torch reads them in at start; the first one set wins.
+ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -49,7 +46,11 @@ def _is_pow2(n: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class AllocatorSettings:
-    """The settings in force, parsed; sizes in bytes. The defaults are torch's."""
+    """The settings in force, parsed; sizes in bytes. The defaults are torch's.
+
+    ``state`` is torch's whole parsed state (torch_config.State), which a later
+    ``set_allocator_settings`` builds on: keys a new text leaves out keep their values there,
+    except the size rules every parse resets."""
 
     max_split_size_bytes: int = SIZE_MAX  # blocks this large or larger are never split
     max_non_split_rounding_bytes: int = LARGE_BUFFER
@@ -59,12 +60,37 @@ class AllocatorSettings:
     backend: str = "native"
     text: str = ""  # as given, for reports
     passive: Mapping[str, Any] = field(default_factory=dict)  # keys kept but not modelled
+    # large_segment_size_mb: the segment of a 1-10 MiB request, and the page of a new
+    # expandable segment of the large pool
+    large_segment_bytes: int = LARGE_BUFFER
+    per_process_memory_fraction: float = 1.0  # applied when the allocator is made
+    state: State = field(default_factory=State, compare=False, repr=False)
+
+    @classmethod
+    def from_state(cls, state: State) -> AllocatorSettings:
+        divisions = state.roundup_power2_divisions
+        passive = {k: v for k, v in state.other
+                   if k not in ("backend", "per_process_memory_fraction")}
+        return cls(
+            max_split_size_bytes=state.max_split_size,
+            max_non_split_rounding_bytes=state.max_non_split_rounding_size,
+            garbage_collection_threshold=state.garbage_collection_threshold,
+            # the shared default object keeps round_size's fast path
+            roundup_power2_divisions=NO_DIVISIONS if divisions == NO_DIVISIONS else divisions,
+            expandable_segments=state.expandable_segments,
+            backend=state.get("backend", "native"),
+            text=state.text,
+            passive=passive,
+            large_segment_bytes=state.large_segment_size,
+            per_process_memory_fraction=state.get("per_process_memory_fraction", 1.0),
+            state=state,
+        )
 
     # -- the size rules ------------------------------------------------------------------
 
     def divisions(self, size: int) -> int:
-        """The roundup_power2_divisions interval ``size`` falls in (CUDAAllocatorConfig::
-        roundup_power2_divisions): intervals start at 1 MiB, one per power of two."""
+        """The roundup_power2_divisions interval ``size`` falls in (roundup_power2_divisions
+        in c10/core/AllocatorConfig.cpp): intervals start at 1 MiB, one per power of two."""
         index = max(0, size.bit_length() - 1 - 20)
         return self.roundup_power2_divisions[min(index, ROUNDUP_INTERVALS - 1)]
 
@@ -83,18 +109,21 @@ class AllocatorSettings:
     def is_small(block_bytes: int) -> bool:
         return block_bytes <= SMALL_SIZE
 
-    @staticmethod
-    def allocation_size(block_bytes: int) -> int:
-        """The segment reserved for a block that found no cached fit (get_allocation_size)."""
+    def allocation_size(self, block_bytes: int) -> int:
+        """The segment reserved for a block that found no cached fit (get_allocation_size):
+        2 MiB up to 1 MiB, ``large_segment_size_mb`` (20 MiB) below 10 MiB, else the block
+        rounded up to 2 MiB."""
         if block_bytes <= SMALL_SIZE:
             return SMALL_BUFFER
         if block_bytes < MIN_LARGE_ALLOC:
-            return LARGE_BUFFER
+            return self.large_segment_bytes
         return _round_up(block_bytes, ROUND_LARGE)
 
     def new_bytes(self, block_bytes: int) -> int:
-        """What a (rounded) request that no cached block serves adds to reserved: a segment
-        of ``allocation_size``, or, under expandable segments, its whole pages."""
+        """What a (rounded) request that no cached block serves adds to reserved at most: a
+        segment of ``allocation_size``, or, under expandable segments, its whole pages (fewer
+        when it grows a free block at the end of a mapped range: the backend's
+        ``cache_state`` says so)."""
         if block_bytes <= 0:
             return 0
         if self.expandable_segments:
@@ -103,8 +132,9 @@ class AllocatorSettings:
         return self.allocation_size(block_bytes)
 
     def page_bytes(self, small: bool) -> int:
-        """What an expandable segment maps at a time: its granularity."""
-        return SMALL_BUFFER if small else LARGE_BUFFER
+        """What a new expandable segment maps at a time: its granularity (a segment keeps the
+        page it was made with)."""
+        return SMALL_BUFFER if small else self.large_segment_bytes
 
     def reusable(self, block_bytes: int, request_bytes: int) -> bool:
         """Whether a cached free block of ``block_bytes`` may serve a (rounded) request
@@ -130,6 +160,7 @@ class AllocatorSettings:
             "expandable_segments": self.expandable_segments,
             "max_split_size_mb": None if mss == SIZE_MAX else mss // MiB,
             "max_non_split_rounding_mb": self.max_non_split_rounding_bytes // MiB,
+            "large_segment_size_mb": self.large_segment_bytes // MiB,
             "garbage_collection_threshold": self.garbage_collection_threshold,
             "roundup_power2_divisions": list(self.roundup_power2_divisions),
             "backend": self.backend,
@@ -151,161 +182,40 @@ def _roundup_power2_next_division(size: int, divisions: int) -> int:
     return size if rounded == size else rounded + step
 
 
-# -- the parser ----------------------------------------------------------------------------
+# -- parsing -----------------------------------------------------------------------------
 
 
-def _tokens(text: str) -> list[str]:
-    out: list[str] = []
-    buf = ""
-    for ch in text:
-        if ch in ",:[]":
-            if buf:
-                out.append(buf)
-                buf = ""
-            out.append(ch)
-        elif ch != " ":
-            buf += ch
-    if buf:
-        out.append(buf)
-    return out
-
-
-class _Reader:
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.tokens = _tokens(text)
-        self.i = 0
-
-    def error(self, why: str) -> ValueError:
-        return ValueError(f"allocator settings {self.text!r}: {why}")
-
-    def take(self, what: str) -> str:
-        if self.i >= len(self.tokens):
-            raise self.error(f"expected {what} at the end")
-        tok = self.tokens[self.i]
-        self.i += 1
-        return tok
-
-    def expect(self, sep: str) -> None:
-        tok = self.take(repr(sep))
-        if tok != sep:
-            raise self.error(f"expected {sep!r} but got {tok!r}")
-
-    def integer(self, key: str) -> int:
-        tok = self.take(f"a value for {key}")
-        if not tok.isdigit():
-            raise self.error(f"{key} needs a non-negative integer, got {tok!r}")
-        return int(tok)
-
-    def number(self, key: str) -> float:
-        tok = self.take(f"a value for {key}")
-        try:
-            return float(tok)
-        except ValueError:
-            raise self.error(f"{key} needs a number, got {tok!r}") from None
-
-    def boolean(self, key: str) -> bool:
-        tok = self.take(f"a value for {key}")
-        if tok not in ("True", "False"):
-            raise self.error(f"{key} needs True or False, got {tok!r}")
-        return tok == "True"
+def apply_alloc_conf(text: str, previous: AllocatorSettings | None = None
+                     ) -> tuple[AllocatorSettings, ValueError | None]:
+    """What torch holds after ``_accelerator_setAllocatorSettings(text)`` on top of
+    ``previous`` (a fresh process when None), and the error it raised, if any: torch applies
+    a text key by key, so a text that fails leaves what it parsed before the failure in
+    force, which is what the first value returned is then."""
+    if not isinstance(text, str):
+        raise TypeError(f"allocator settings must be a string, got {type(text).__name__}")
+    state, error = torch_config.parse(text, previous.state if previous else None)
+    settings = AllocatorSettings.from_state(state)
+    if error is None:
+        return settings, None
+    return settings, ValueError(f"allocator settings {text!r}: {error}")
 
 
 def parse_alloc_conf(text: str, previous: AllocatorSettings | None = None) -> AllocatorSettings:
-    """Parse an allocator settings string as torch 2.13 does; ``ValueError`` naming the key
-    or the value on anything torch refuses, and on a key torch's CUDA allocator does not
-    know. Keys left out take their defaults; with ``previous`` (a later
-    ``_accelerator_setAllocatorSettings``) only the size rules do, and the other keys keep
-    the values ``previous`` had, as torch keeps them."""
-    if not isinstance(text, str):
-        raise TypeError(f"allocator settings must be a string, got {type(text).__name__}")
-    r = _Reader(text)
-    values: dict[str, Any] = {}
-    passive: dict[str, Any] = {}
-    while r.i < len(r.tokens):
-        key = r.take("a key")
-        r.expect(":")
-        if key in ("max_split_size_mb", "max_non_split_rounding_mb"):
-            mb = r.integer(key)
-            if mb < LARGE_BUFFER // MiB:
-                raise r.error(f"{key} too small, must be >= {LARGE_BUFFER // MiB}")
-            values[key] = min(mb, SIZE_MAX // MiB) * MiB
-        elif key == "garbage_collection_threshold":
-            threshold = r.number(key)
-            if not 0.0 < threshold < 1.0:
-                raise r.error(f"{key} is invalid, set it in (0.0, 1.0), got {threshold:g}")
-            values[key] = threshold
-        elif key == "roundup_power2_divisions":
-            values[key] = _parse_divisions(r)
-        elif key == "expandable_segments":
-            values[key] = r.boolean(key)
-        elif key == "backend":
-            tok = r.take(f"a value for {key}")
-            if tok not in _BACKENDS:
-                raise r.error(f"backend must be one of {', '.join(_BACKENDS)}, got {tok!r}")
-            values[key] = tok
-        elif key in _BOOL_KEYS:
-            passive[key] = r.boolean(key)
-        elif key in _PASSIVE_INT_KEYS:
-            passive[key] = r.integer(key)
-        elif key == "per_process_memory_fraction":
-            fraction = r.number(key)
-            if not 0.0 <= fraction <= 1.0:
-                raise r.error(f"{key} must be in [0.0, 1.0], got {fraction:g}")
-            passive[key] = fraction
-        else:
-            raise r.error(f"unrecognized key {key!r}")
-        if r.i < len(r.tokens):
-            r.expect(",")
-    return AllocatorSettings(
-        max_split_size_bytes=values.get("max_split_size_mb", SIZE_MAX),
-        max_non_split_rounding_bytes=values.get("max_non_split_rounding_mb", LARGE_BUFFER),
-        garbage_collection_threshold=values.get("garbage_collection_threshold", 0.0),
-        roundup_power2_divisions=values.get("roundup_power2_divisions",
-                                            DEFAULT_SETTINGS.roundup_power2_divisions),
-        expandable_segments=values.get(
-            "expandable_segments", previous.expandable_segments if previous else False),
-        backend=values.get("backend", previous.backend if previous else "native"),
-        text=text,
-        passive={**(previous.passive if previous else {}), **passive},
-    )
-
-
-def _parse_divisions(r: _Reader) -> tuple[int, ...]:
-    key = "roundup_power2_divisions"
-    first = r.take(f"a value for {key}")
-    if first != "[":
-        if not first.isdigit() or not _is_pow2(int(first)):
-            raise r.error(f"{key} divisions must be a power of 2, got {first!r}")
-        return (int(first),) * ROUNDUP_INTERVALS
-    out = [0] * ROUNDUP_INTERVALS
-    last, first_value = 0, True
-    while True:
-        bound = r.take(f"an interval or ']' in {key}")
-        if bound == "]":
-            return tuple(out)
-        r.expect(":")
-        div = r.integer(key)
-        if div != 0 and not _is_pow2(div):
-            raise r.error(f"{key} divisions must be a power of 2 or 0, got {div}")
-        if bound == ">":
-            out[last + 1:] = [div] * (ROUNDUP_INTERVALS - last - 1)
-        else:
-            if not bound.isdigit() or not _is_pow2(int(bound)):
-                raise r.error(f"{key} intervals must be a power of 2 (MB), got {bound!r}")
-            index = min(int(bound).bit_length() - 1, ROUNDUP_INTERVALS - 1)
-            if first_value:
-                out[:index] = [div] * index
-                first_value = False
-            out[index] = div
-            last = index
-        if r.i < len(r.tokens) and r.tokens[r.i] != "]":
-            r.expect(",")
+    """Parse an allocator settings string as torch 2.13's CUDA build does; ``ValueError``
+    naming the key or the value on anything it refuses (an unknown key included). Keys left
+    out keep what ``previous`` had (the defaults when None), except ``max_split_size_mb``,
+    ``max_non_split_rounding_mb``, ``roundup_power2_divisions`` and
+    ``garbage_collection_threshold``, which every text resets, as torch does."""
+    settings, error = apply_alloc_conf(text, previous)
+    if error is not None:
+        raise error
+    return settings
 
 
 def settings_from_environment(environ: Mapping[str, str] | None = None) -> AllocatorSettings:
-    """The settings torch reads at start: ``PYTORCH_ALLOC_CONF``, else
-    ``PYTORCH_CUDA_ALLOC_CONF``, else the defaults."""
+    """The settings torch reads at start: the first of ``PYTORCH_CUDA_ALLOC_CONF``,
+    ``PYTORCH_HIP_ALLOC_CONF`` and ``PYTORCH_ALLOC_CONF`` that is set, else the defaults. A text
+    torch would refuse is a ``ValueError`` naming the variable."""
     env = os.environ if environ is None else environ
     for name in ENV_NAMES:
         text = env.get(name)

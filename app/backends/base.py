@@ -88,18 +88,27 @@ class CacheState(NamedTuple):
 
     The backend answers it on the slow path of a decision (when the counters alone cannot
     tell that a new segment has room); the allocator model (app/monitor/placement.py) turns
-    it into the monitor's verdicts. ``estimate`` is True where the backend could not read the
-    cache exactly at this moment (CUDA between two allocator snapshots).
+    it into the monitor's verdicts. A backend's answer to ``cache_state`` is exact, or
+    ``conservative``: read without the cache (CUDA, when the last allocator snapshot is older
+    than the allocator's counters), so no cached block is counted as reusable and
+    ``releasable_bytes`` is a lower bound; either way a "fits" drawn from it holds. Only
+    ``cache_view`` (for dashboards) may answer from an older snapshot: ``estimate``.
     """
 
     request_bytes: int  # the request as the allocator rounds it; 0 for a zero-byte request
     reuse_bytes: int  # the cached free block it would take (best fit); 0: none fits
-    new_bytes: int  # what it would newly reserve when none fits: a segment, or pages
+    # What it would newly reserve when none fits, trying before any release: a segment, or
+    # under expandable segments the pages a free tail still lacks.
+    new_bytes: int
+    # What it reserves at most when it must come after a release of the cache (the
+    # allocator's own retry, or a cleanup first): the free tail may be unmapped by then.
+    new_after_release_bytes: int
     room_bytes: int  # what may still be reserved without releasing anything (device, cap)
     releasable_bytes: int  # what empty_cache() would return now
     largest_free_block_bytes: int  # the large pool's largest cached free block
     inactive_split_bytes: int
     expandable: bool  # expandable_segments is in force
+    conservative: bool = False
     estimate: bool = False
 
 
@@ -232,9 +241,23 @@ class MemoryBackend(Protocol):
         a new segment with it, without reading the device."""
         ...
 
-    def cache_state(self, nbytes: int) -> CacheState:
-        """What a request of ``nbytes`` would do now, read from the allocator's cache. Costlier
-        than ``sample()``; called only when the counters cannot decide."""
+    def cache_state(self, nbytes: int, *, fresh: bool = False) -> CacheState:
+        """What a request of ``nbytes`` would do now, read from the allocator's cache, for a
+        decision: exact, or ``conservative`` (never from a stale read); ``fresh=True`` asks for
+        the exact answer whatever it costs. Costlier than ``sample()``; called only when the
+        counters cannot decide."""
+        ...
+
+    def cache_view(self) -> CacheState:
+        """The cache as a dashboard shows it (``cache_state(0)``'s figures), cheap: where
+        reading the cache is costly it may come from an earlier read, marked ``estimate``.
+        Never for a decision."""
+        ...
+
+    def allocator_oom_events(self) -> int:
+        """Out-of-memory errors the allocator has raised since the backend was made, those a
+        caller caught and retried (cuDNN trying a smaller workspace) included; unlike
+        ``num_ooms`` never reset."""
         ...
 
     def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:

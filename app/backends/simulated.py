@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +39,7 @@ import torch
 from app.backends.alloc_conf import (
     MIN_BLOCK,
     AllocatorSettings,
+    apply_alloc_conf,
     parse_alloc_conf,
     settings_from_environment,
 )
@@ -51,6 +52,7 @@ from app.backends.base import (
     CacheState,
     DeviceMemory,
     DeviceTelemetry,
+    OutOfMemoryError,
     format_memory_summary,
 )
 
@@ -74,6 +76,10 @@ class SimulatedBackend(CachingAllocator):
 
     ``allocate``/``free`` stand in for creating and dropping tensors. Thread-safe.
 
+    ``segment_addresses``: where new segments go, in order (what cudaMalloc returned on a
+    real card; after them, above every segment). Best fit breaks ties between equal-sized
+    cached blocks by address, so a replay fed a card's own addresses takes its choices.
+
     It subclasses the allocator rather than wrapping it, so that the hot path (``allocate``,
     ``free``, ``sample``) reaches the allocator's state without an extra call or lookup.
     """
@@ -87,6 +93,7 @@ class SimulatedBackend(CachingAllocator):
         torch_device: str | torch.device = "cpu",
         name: str | None = None,
         alloc_conf: str | None = None,
+        segment_addresses: Iterable[int] | None = None,
     ) -> None:
         if total_bytes <= 0:
             raise ValueError(f"total_bytes must be positive, got {total_bytes}")
@@ -96,7 +103,10 @@ class SimulatedBackend(CachingAllocator):
             )
         settings = (settings_from_environment() if alloc_conf is None
                     else parse_alloc_conf(alloc_conf))
-        super().__init__(total_bytes, context_bytes, device, settings)
+        super().__init__(total_bytes, context_bytes, device, settings, segment_addresses)
+        if settings.per_process_memory_fraction < 1.0:
+            # DeviceCachingAllocator's constructor applies the setting, as the call would
+            self.set_per_process_memory_fraction(settings.per_process_memory_fraction)
         self._name = name if name is not None else f"Simulated GPU ({total_bytes / 1e9:.3g} GB)"
         self._uuid = f"SIM-{uuid.uuid5(uuid.NAMESPACE_URL, f'vortex-vram:{device}:{self._name}')}"
         self._torch_device = torch.device(torch_device)
@@ -109,6 +119,24 @@ class SimulatedBackend(CachingAllocator):
         self._charged: dict[int, _Charge] = {}
         self._dead: deque[int] = deque()
 
+    def clone(self) -> SimulatedBackend:
+        """An independent copy of the card as it is now: same settings, cap, segments, blocks
+        (at their addresses), stats and live handles (each copy's ``free`` frees its own), so
+        what is done on the copy is what would happen here. Not copied: recorded history,
+        OOM observers, and captures (storages placed by ``capture()`` free on this card only).
+        O(blocks): about a millisecond for a loaded 12 GB card."""
+        with self._lock:
+            self._free_queued()
+            twin = SimulatedBackend(self._total, context_bytes=self._context,
+                                    device=self._device, torch_device=self._torch_device,
+                                    name=self._name, alloc_conf="")
+            twin._settings = self._settings
+            blocks = self._copy_state_into(twin)
+            twin._handles = {h: None if b is None else blocks[id(b)]
+                             for h, b in self._handles.items()}
+            twin._ids = itertools.count(max(self._handles, default=0) + 1)
+            return twin
+
     # -- settings and fault injection ---------------------------------------------------------
 
     @property
@@ -120,20 +148,24 @@ class SimulatedBackend(CachingAllocator):
         in force: of the keys left out, the size rules (max_split_size_mb,
         max_non_split_rounding_mb, roundup_power2_divisions, garbage_collection_threshold)
         are back at their defaults and the others keep their values, as in torch. Blocks
-        already made stay as they are. A bad text changes nothing."""
+        already made stay as they are. A text torch refuses raises ``ValueError`` and, as in
+        torch, leaves in force what it set before the key that failed."""
         with self._lock:
-            settings = parse_alloc_conf(text, previous=self._settings)
+            settings, error = apply_alloc_conf(text, previous=self._settings)
             self._settings = settings
+        if error is not None:
+            raise error
 
     def set_per_process_memory_fraction(self, fraction: float) -> None:
         """Cap what the allocator may reserve at ``fraction`` of the card, as
-        ``torch.cuda.set_per_process_memory_fraction`` does (same errors)."""
+        ``torch.cuda.set_per_process_memory_fraction`` does (same errors); 1.0 lifts the cap
+        (setMemoryFraction keeps none then, and garbage collection is off)."""
         if not isinstance(fraction, float):
             raise TypeError("Invalid type for fraction argument, must be `float`")
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
         with self._lock:
-            self._fraction = fraction
+            self._fraction = fraction if fraction < 1.0 else None
             self._allowed_max = int(fraction * self._total)
 
     def memory_fraction(self) -> float:
@@ -191,13 +223,38 @@ class SimulatedBackend(CachingAllocator):
 
     # reservable_bytes() is CachingAllocator's.
 
-    def cache_state(self, nbytes: int) -> CacheState:
+    def cache_state(self, nbytes: int, *, fresh: bool = False) -> CacheState:
         """What the allocator would do with a request of ``nbytes``, and what its cache could
-        give: exact, O(log n) in the cached blocks (one ordered-set search per pool)."""
+        give: exact, O(log n) in the cached blocks (one ordered-set search per pool).
+        ``fresh`` changes nothing: every answer is read under the lock."""
         with self._lock:
             self._free_queued()
             self._check_read()
             return self._cache_state(nbytes)
+
+    def cache_view(self) -> CacheState:
+        """``cache_state(0)``: exact, and cheap enough for every snapshot."""
+        return self.cache_state(0)
+
+    def allocator_oom_events(self) -> int:
+        return self._oom_events
+
+    def attach_out_of_memory_observer(self, observer: Callable[[int, int, int, int], None]
+                                      ) -> None:
+        """As ``torch._C._cuda_attach_out_of_memory_observer``: ``observer(device, alloc_size,
+        cap or total, device_free)`` is called for every out-of-memory error the allocator
+        raises (also those the caller catches), with the card's lock released."""
+        with self._lock:
+            self._oom_observers.append(observer)
+
+    def _notify_oom(self) -> None:
+        """Run the observers of the OOMs raised since the last call; the lock is not held."""
+        with self._lock:
+            pending, self._oom_pending = self._oom_pending, []
+            observers = list(self._oom_observers)
+        for args in pending:
+            for observer in observers:
+                observer(*args)
 
     def device_memory(self, sample: AllocatorSample | None = None) -> DeviceMemory:
         with self._lock:
@@ -266,12 +323,17 @@ class SimulatedBackend(CachingAllocator):
             raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
         if nbytes < 0:
             raise ValueError(f"cannot allocate a negative size: {nbytes}")
-        with self._lock:
-            if self._dead:
-                self._free_queued()
-            handle = next(self._ids)
-            self._handles[handle] = self._malloc(nbytes) if nbytes else None
-            return handle
+        try:
+            with self._lock:
+                if self._dead:
+                    self._free_queued()
+                handle = next(self._ids)
+                self._handles[handle] = self._malloc(nbytes) if nbytes else None
+                return handle
+        except OutOfMemoryError:
+            if self._oom_pending:
+                self._notify_oom()
+            raise
 
     def free(self, handle: int) -> None:
         """Free what ``allocate`` returned ``handle`` for, as dropping the last reference to a
@@ -339,6 +401,8 @@ class SimulatedBackend(CachingAllocator):
                 for block in blocks:
                     if block is not None:
                         free_block(block)
+            if self._oom_pending:
+                self._notify_oom()
 
     def _layout(self) -> tuple:
         """What decides the allocator's next moves: its free blocks, unmapped pages,

@@ -29,7 +29,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from app.backends import AllocatorSample, CacheState, MemoryBackend
-from app.backends.alloc_conf import MIN_BLOCK, AllocatorSettings
+from app.backends.alloc_conf import (
+    MIN_BLOCK,
+    MIN_LARGE_ALLOC,
+    ROUND_LARGE,
+    SMALL_BUFFER,
+    SMALL_SIZE,
+    AllocatorSettings,
+)
 
 LIMIT_BASES = ("allocated", "reserved")
 GB = 1_000_000_000
@@ -127,13 +134,24 @@ class AllocatorModel:
                 projected = grown if self._reserved_basis else s.allocated_bytes + size
                 if projected <= hard:
                     return Verdict(True, projected, True, False, None)
-        return self.judge(s, self._backend.cache_state(nbytes))
+        return self._judged(s, nbytes)
+
+    def _judged(self, s: AllocatorSample, nbytes: int) -> Verdict:
+        """The verdict from the backend's answer; a refusal drawn from a conservative answer
+        (no cached block counted) is asked again of the cache as it is now."""
+        c = self._backend.cache_state(nbytes)
+        v = self.judge(s, c)
+        if not v.ok and c.conservative:
+            v = self.judge(s, self._backend.cache_state(nbytes, fresh=True))
+        return v
 
     def judge(self, s: AllocatorSample, c: CacheState) -> Verdict:
         """The verdict on a request from the cache's answer about it."""
         hard = self.hard_limit_bytes
         reuse = c.reuse_bytes > 0
-        placeable = reuse or c.new_bytes <= c.room_bytes + c.releasable_bytes
+        # The allocator tries a new segment first, and after releasing its cache once more.
+        placeable = (reuse or c.new_bytes <= c.room_bytes
+                     or c.new_after_release_bytes <= c.room_bytes + c.releasable_bytes)
         if not self._reserved_basis:
             projected = s.allocated_bytes + c.request_bytes
             return Verdict(placeable and projected <= hard, projected, placeable, False, c)
@@ -147,7 +165,7 @@ class AllocatorModel:
         # Only a release of the cache can make it fit. The allocator releases its whole cache
         # by itself when the device is full; when the limit is what is in the way, the monitor
         # has to release it first. Counted at the worst: the request then takes a new segment.
-        new = c.new_bytes or self._backend.allocator_settings.new_bytes(c.request_bytes)
+        new = c.new_after_release_bytes
         after = reserved - c.releasable_bytes + new
         if c.releasable_bytes <= 0 or after > hard or new > c.room_bytes + c.releasable_bytes:
             return Verdict(False, reserved + (0 if reuse else c.new_bytes), True, False, c)
@@ -160,8 +178,9 @@ class AllocatorModel:
         limit, and its verdict (checked, not assumed); 0 when nothing can. ``c``: the cache's
         answer about ``nbytes`` when the caller already has it."""
         st = self._backend.allocator_settings
-        if c is None:
-            c = self._backend.cache_state(nbytes)
+        if c is None or c.conservative:
+            # The candidates below come from the cache's largest block: read it as it is.
+            c = self._backend.cache_state(nbytes, fresh=True)
         hard = self.hard_limit_bytes
         candidates = []
         block = self._settled_block(st, c)
@@ -181,7 +200,7 @@ class AllocatorModel:
         for _ in range(24):  # a candidate the check refuses is shrunk by an eighth
             if best <= 0:
                 break
-            v = self.judge(s, self._backend.cache_state(best))
+            v = self._judged(s, best)
             if v.ok:
                 return best, v
             best = _round_down(st, best - max(MIN_BLOCK, best // 8), best)
@@ -212,7 +231,8 @@ class AllocatorModel:
                 else allocated + activation
             if peak <= hard:
                 return SlotVerdict(peak, 1.0, False, "", None)
-        c = self._backend.cache_state(0)
+        # A cleanup's share decides only when one is allowed; then read it as it is.
+        c = self._backend.cache_state(0, fresh=cleanup_allowed)
         releasable = c.releasable_bytes if cleanup_allowed else 0
         device_room = c.room_bytes + reserved - allocated  # new segments, and the whole cache
         cleanup = False
@@ -237,22 +257,51 @@ class AllocatorModel:
     # -- cleanups and views -------------------------------------------------------------
 
     def cache(self) -> CacheState:
-        """The cache as it is: ``releasable_bytes`` is what a cleanup would return now."""
-        return self._backend.cache_state(0)
+        """The cache as it is: ``releasable_bytes`` is what a cleanup would return now, read
+        exactly (a cleanup is decided on it)."""
+        return self._backend.cache_state(0, fresh=True)
 
     def fragmentation(self, s: AllocatorSample, c: CacheState | None = None) -> Fragmentation:
+        """For dashboards: from ``cache_view`` unless ``c`` is given. ``estimate`` when the
+        figures may not be the allocator's own: the backend's view is older than its counters
+        (or counted no cached block), or under expandable segments, where the largest request
+        may grow a free tail, or land in a gap a release would open, which this summary does
+        not follow."""
         if c is None:
-            c = self._backend.cache_state(0)
+            c = self._backend.cache_view()
         st = self._backend.allocator_settings
-        segment = (c.room_bytes + c.releasable_bytes) // _segment_step(st) * _segment_step(st)
-        largest = max(self._settled_block(st, c), segment)
+        largest = max(_largest_request(st, c.largest_free_block_bytes),
+                      _largest_new_request(st, c.room_bytes + c.releasable_bytes))
         free = c.room_bytes + max(0, s.reserved_bytes - s.allocated_bytes)
         # Against what one allocation could get were the memory in one piece: the free bytes
         # in whole segment steps, so that a healthy card reads 0.
         whole = free // _segment_step(st) * _segment_step(st)
         ratio = round(1 - min(largest, whole) / whole, 4) if whole > 0 else 0.0
+        # At 1 MiB and below a request goes to the small pool, whose blocks are not summed up.
+        estimate = c.estimate or c.conservative or c.expandable or largest <= SMALL_SIZE
         return Fragmentation(c.inactive_split_bytes, c.releasable_bytes,
-                             c.largest_free_block_bytes, largest, free, ratio, c.estimate)
+                             c.largest_free_block_bytes, largest, free, ratio, estimate)
+
+
+def _largest_request(st: AllocatorSettings, block: int) -> int:
+    """The largest request a cached block of the large pool serves: every block serves one
+    its own size once rounded (an oversize block too: it is within the rounding of itself)."""
+    return _round_down(st, block, block) if block > SMALL_SIZE else 0
+
+
+def _largest_new_request(st: AllocatorSettings, room: int) -> int:
+    """The largest request whose new segment fits ``room``: from 10 MiB a segment is the
+    request rounded to 2 MiB; below, the 20 MiB (``large_segment_size_mb``) segment, and the
+    small pool's 2 MiB one for a request up to 1 MiB."""
+    if st.expandable_segments:
+        page = st.page_bytes(small=False)
+        return _round_down(st, room // page * page, room // page * page)
+    segment = room // ROUND_LARGE * ROUND_LARGE
+    largest = _round_down(st, segment, segment)
+    if largest >= MIN_LARGE_ALLOC:
+        return largest
+    # (room is below the large segment here: a 1-10 MiB request cannot have one either)
+    return SMALL_SIZE if room >= SMALL_BUFFER else 0
 
 
 def _segment_step(st: AllocatorSettings) -> int:

@@ -64,8 +64,7 @@ class SnapshotBuilder:
         cleanups, _, cleanup_failures = self._cleaner.totals()
         usage = s[self._basis_index]
         hard = self._limits.hard_limit_bytes
-        cache = b.cache_state(0)
-        frag = self._model.fragmentation(s, cache)
+        frag = self._model.fragmentation(s, b.cache_view())
         forecast_peak = self._model.slot(s, f.activation_bytes, cleanup_allowed=False).peak_bytes \
             if f.samples else usage
         telemetry = b.device_telemetry() if hasattr(b, "device_telemetry") else NO_TELEMETRY

@@ -53,13 +53,17 @@ class _Stat:
 
 
 class _Segment:
-    __slots__ = ("address", "expandable", "head", "size", "small")
+    __slots__ = ("address", "expandable", "head", "page", "size", "small")
 
-    def __init__(self, address: int, size: int, small: bool, expandable: bool) -> None:
+    def __init__(self, address: int, size: int, small: bool, expandable: bool,
+                 page: int = 0) -> None:
         self.address = address
         self.size = size  # the address range; reserved only where mapped
         self.small = small
         self.expandable = expandable
+        # What an expandable segment maps at a time, fixed when it is made (ExpandableSegment's
+        # segment_size_): a later large_segment_size_mb changes new segments only.
+        self.page = page
         self.head: _Block | None = None  # the block at the lowest address
 
 

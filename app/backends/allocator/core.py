@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from app.backends.alloc_conf import DEFAULT_SETTINGS, AllocatorSettings
@@ -42,7 +43,8 @@ class CachingAllocator(_ExpandableSegments):
     """
 
     def __init__(self, total_bytes: int, context_bytes: int, device: str,
-                 settings: AllocatorSettings) -> None:
+                 settings: AllocatorSettings,
+                 addresses: Iterable[int] | None = None) -> None:
         self._settings = settings
         self._total = int(total_bytes)
         self._context = int(context_bytes)
@@ -52,8 +54,12 @@ class CachingAllocator(_ExpandableSegments):
         self._large = _Pool(small=False)
         self._blocks: dict[int, _Block] = {}  # address -> block, every block of every segment
         self._segments: dict[int, _Segment] = {}  # address -> segment
-        self._expandable: dict[bool, _Segment] = {}  # small? -> its expandable segment
         self._next_address = _BASE_ADDRESS
+        # Where new segments go: cudaMalloc's choice on a real card, which decides the order of
+        # equal-sized cached blocks (best fit breaks ties by address). By default each new
+        # segment lies above every other; ``addresses`` replays a card's own.
+        self._addresses: Iterator[int] | None = iter(addresses) if addresses is not None \
+            else None
         self._fraction: float | None = None
         self._allowed_max = 0  # the per-process cap in bytes, when a fraction is set
         self._stats: dict[str, tuple[_Stat, _Stat, _Stat]] = {
@@ -70,6 +76,54 @@ class CachingAllocator(_ExpandableSegments):
         # What empty_cache would return now, kept as blocks enter and leave the free sets (a
         # block's share cannot change while it sits there: any change takes it out first).
         self._releasable_bytes = 0
+        # torch._C._cuda_attach_out_of_memory_observer's callbacks, called as torch calls them
+        # (device, alloc_size, the cap or the total, device free) with the lock released;
+        # ``_oom_events`` counts every OOM raised, whatever catches it, unlike num_ooms never
+        # reset.
+        self._oom_observers: list[Callable[[int, int, int, int], None]] = []
+        self._oom_pending: list[tuple[int, int, int, int]] = []
+        self._oom_events = 0
+
+    def _copy_state_into(self, other: CachingAllocator) -> dict[int, _Block]:
+        """Make ``other`` (new, same card and settings) hold this allocator's state: every
+        segment and block at its address, the free sets, the stats and counters, the cap.
+        Returns this allocator's blocks by id() -> the copies, so a driver can map its
+        handles. O(blocks); the lock is held. History and observers are not copied."""
+        blocks: dict[int, _Block] = {}
+        for seg in self._segments.values():
+            copy = _Segment(seg.address, seg.size, seg.small, seg.expandable, seg.page)
+            other._segments[copy.address] = copy
+            prev: _Block | None = None
+            b = seg.head
+            while b is not None:
+                nb = _Block(copy, b.address, b.size, b.mapped)
+                nb.requested, nb.allocated, nb.gc_base = b.requested, b.allocated, b.gc_base
+                nb.prev = prev
+                if prev is None:
+                    copy.head = nb
+                else:
+                    prev.next = nb
+                other._blocks[nb.address] = nb
+                blocks[id(b)] = nb
+                prev, b = nb, b.next
+        for mine, theirs in ((self._small, other._small), (self._large, other._large)):
+            theirs.free = mine.free.copy()
+            theirs.unmapped = mine.unmapped.copy()
+            theirs.gc_calls = mine.gc_calls
+        for key, arr in self._stats.items():
+            for stat, copy_stat in zip(arr, other._stats[key], strict=True):
+                copy_stat.current, copy_stat.peak = stat.current, stat.peak
+                copy_stat.allocated, copy_stat.freed = stat.allocated, stat.freed
+        for key, stat in self._plain.items():
+            c = other._plain[key]
+            c.current, c.peak, c.allocated, c.freed = (stat.current, stat.peak, stat.allocated,
+                                                       stat.freed)
+        other._counters = dict(self._counters)
+        other._next_address = self._next_address
+        other._fraction, other._allowed_max = self._fraction, self._allowed_max
+        other._releasable_bytes = self._releasable_bytes
+        other._oom_events = self._oom_events
+        return blocks
 
     def reservable_bytes(self) -> int:
         """The most the allocator may hold from the device: the card less what others hold,
@@ -79,16 +133,26 @@ class CachingAllocator(_ExpandableSegments):
 
     def _cache_state(self, nbytes: int) -> CacheState:
         """What the allocator would do with a request of ``nbytes``, and what its cache could
-        give: exact, O(log n) in the cached blocks (one ordered-set search per pool)."""
+        give: exact, O(log n) in the cached blocks (one ordered-set search per pool), plus a
+        walk of the unmapped ranges under expandable segments."""
         st = self._settings
         size = st.round_size(nbytes) if nbytes > 0 else 0
         pool = self._small if st.is_small(size) else self._large
         block = self._find_free(pool, size) if size else None
         reuse = block.size if block is not None else 0
-        new = st.new_bytes(size)
+        new = after = st.allocation_size(size) if size else 0
+        if size and st.expandable_segments:
+            # Mapping grows a free block at the end of a mapped range: only the missing pages
+            # are new. After a release of the cache (the allocator's retry) that block's whole
+            # pages are gone, and the request lands where the layout then lets it.
+            new, after = self._expandable_new_bytes(pool, size)
+            if self._fraction is not None:
+                # alloc_block checks the cap against the segment size, not the pages
+                alloc = st.allocation_size(size)
+                new, after = max(new, alloc), max(after, alloc)
         large = self._large.free
         # Positional, in CacheState's field order: keywords cost a third of this call.
-        return CacheState(size, reuse, 0 if reuse or not size else new,
+        return CacheState(size, reuse, 0 if reuse or not size else new, after,
                           max(0, self.reservable_bytes() - self._reserved.current),
                           self._releasable_bytes, large[-1][0] if large else 0,
                           self._inactive.current, st.expandable_segments)
@@ -123,27 +187,35 @@ class CachingAllocator(_ExpandableSegments):
 
     def _find_free(self, pool: _Pool, size: int) -> _Block | None:
         """get_free_block: the smallest cached block of the pool that fits, under the
-        oversize rules; under expandable segments a block followed by unmapped space counts
-        at the size it can grow to."""
+        oversize rules. Under expandable segments a block followed by unmapped space counts
+        at the size it can grow to; with them turned off, expandable blocks are passed over
+        (the first block after them is taken, whatever its size)."""
         free = pool.free
         i = free.bisect_left((size, 0))
         if i == len(free):
             return None
         block = self._blocks[free[i][1]]
         if block.segment.expandable:
-            def grows_to(b: _Block) -> int:
-                n = b.next
-                return b.size + (n.size if n is not None and not n.mapped else 0)
-            j = i + 1
-            while j < len(free):
-                nxt = self._blocks[free[j][1]]
-                if not nxt.segment.expandable or grows_to(nxt) >= grows_to(block):
-                    break
-                block, j = nxt, j + 1
+            if self._settings.expandable_segments:
+                def grows_to(b: _Block) -> int:
+                    n = b.next
+                    return b.size + (n.size if n is not None and not n.mapped else 0)
+                j = i + 1
+                while block.segment.expandable and j < len(free):
+                    nxt = self._blocks[free[j][1]]
+                    if grows_to(nxt) >= grows_to(block):
+                        break
+                    block, j = nxt, j + 1
+            else:
+                j = i + 1
+                while j < len(free) and self._blocks[free[j][1]].segment.expandable:
+                    j += 1
+                if j == len(free):
+                    return None
+                block = self._blocks[free[j][1]]
         if not self._settings.reusable(block.size, size):
             return None
         return block
-
 
     def _share(self, block: _Block) -> int:
         if block.segment.expandable:
@@ -159,8 +231,11 @@ class CachingAllocator(_ExpandableSegments):
         self._releasable_bytes -= self._share(block)
 
     def _new_address(self, size: int) -> int:
-        address = self._next_address
-        self._next_address += _round_up(size, _ADDRESS_ALIGN)
+        address = next(self._addresses, None) if self._addresses is not None else None
+        if address is None:
+            address = self._next_address
+        self._next_address = max(self._next_address,
+                                 address + _round_up(size, _ADDRESS_ALIGN))
         return address
 
     def _alloc_block(self, pool: _Pool, size: int, alloc_size: int,
@@ -317,6 +392,8 @@ class CachingAllocator(_ExpandableSegments):
                     self._release_block(block)
             for block in to_unmap:
                 self._unmap(block, pool)
+                if not block.mapped and block.prev is None and block.next is None:
+                    self._release_expandable(block, pool)
         return True
 
     def _garbage_collect(self) -> None:
@@ -357,8 +434,14 @@ class CachingAllocator(_ExpandableSegments):
 
     def _out_of_memory(self, size: int, alloc_size: int) -> None:
         self._counters["num_ooms"] += 1
+        self._oom_events += 1
         capacity = self._total - self._context
         free = max(0, capacity - self._reserved.current)
+        if self._oom_observers:
+            index = self._device.rpartition(":")[2]
+            self._oom_pending.append((int(index) if index.isdigit() else 0, alloc_size,
+                                      self._allowed_max if self._fraction is not None
+                                      else self._total, free))
         if self._history is not None:
             self._history.append({"action": "oom", "addr": 0, "size": alloc_size, "stream": 0,
                                   "frames": _python_frames(), "device_free": free,
