@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import importlib
 import itertools
 import logging
@@ -19,7 +18,7 @@ import torch
 from app.backends.alloc_conf import (
     DEFAULT_SETTINGS,
     AllocatorSettings,
-    parse_alloc_conf,
+    apply_alloc_conf,
     settings_from_environment,
 )
 from app.backends.base import (
@@ -29,6 +28,7 @@ from app.backends.base import (
     DeviceMemory,
     DeviceTelemetry,
 )
+from app.backends.cuda_view import Bases, CacheView
 from app.errors import VortexInitializationError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,14 @@ class CudaBackend:
     to ``history_entries`` events; it roughly doubles the cost of small allocations, hence
     off by default) so that an OOM can leave a snapshot for https://pytorch.org/memory_viz;
     at most ``max_dumps`` are kept in ``history_dir``, oldest removed first.
+
+    ``stream``: the CUDA stream the Director allocates on (``torch.cuda.Stream.cuda_stream``);
+    None, the current stream of the thread asking. Only that stream's cached blocks can serve
+    its requests, so only they count as reusable.
+
+    The allocator's settings are torch's, followed as they change at run time
+    (``torch._C._accelerator_setAllocatorSettings``): read at each use, parsed again when
+    the text changed, on top of the settings before it, as torch applies a new text.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class CudaBackend:
         history_dir: str | Path = "vram-postmortem",
         max_dumps: int = 5,
         history_entries: int = 100_000,
+        stream: int | None = None,
     ) -> None:
         if not torch.cuda.is_available():
             built = torch.version.cuda or "none (a CPU build)"
@@ -89,11 +98,30 @@ class CudaBackend:
         self._dump_seq = itertools.count()
         if memory_history:
             torch.cuda.memory._record_memory_history(max_entries=history_entries)
-        self._settings = _settings_in_force()
+        self._get_settings_text = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+        self._settings = _settings_in_force(self._get_settings_text)
+        self._expandable_seen = self._settings.expandable_segments
         self._total_bytes = int(torch.cuda.mem_get_info(device)[1])
         self._non_torch = 0  # refreshed by every device read (mem_get_info)
-        self._view: _CacheView | None = None  # the last allocator snapshot, digested
-        self.snapshot_min_interval_s = 1.0
+        self._stream = stream
+        # The last allocator snapshot, digested, and what it takes to trust one: its own lock
+        # (the generation thread decides on it while the HTTP thread shows it).
+        self._view_lock = threading.Lock()
+        self._view: CacheView | None = None
+        self._view_epoch = 0  # moves when the allocator's counters go back (a stats reset)
+        self._last_allocations = -1
+        self._unmapped_ever = False  # whether any segment or page was ever given back
+        self._private_pools_seen = False
+        total = int(getattr(props, "total_memory", self._total_bytes))
+        self._bases = Bases({small: _round_up(total + total // 8, page) for small, page in (
+            (True, self._settings.page_bytes(True)), (False, self._settings.page_bytes(False)))})
+        self.snapshot_min_interval_s = 1.0  # dashboards' views; a decision never waits
+        # When a decision reads the blocks anew once the allocator has moved: "on_refusal"
+        # (the model asks again, fresh=True, before it refuses: measured the cheapest way to
+        # be both safe and rarely wrong, docs/gpu-results.md), "always", or "never" (every
+        # such answer conservative). For measurements; the default is the one to run.
+        self.decision_views = "on_refusal"
+        self.snapshots_taken = 0
         raw = getattr(torch._C, "_cuda_memoryStats", None)
         self._read_stats: Callable[[], dict[str, Any]] = (
             (lambda: raw(device)) if raw is not None
@@ -101,6 +129,13 @@ class CudaBackend:
         )
         self.device_memory()  # the non-torch share, for reservable_bytes()
         self._nvml = NvmlReader(self._uuid, device)
+        # Every allocator OOM, caught or not (cuDNN retries a smaller workspace after one):
+        # counted, and the cached view is dropped (the allocator released its cache).
+        self._oom_events = 0
+        self._oom_lock = threading.Lock()
+        attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
+        if attach is not None:
+            attach(self._on_out_of_memory)
 
     @property
     def device(self) -> str:
@@ -151,7 +186,23 @@ class CudaBackend:
 
     @property
     def allocator_settings(self) -> AllocatorSettings:
+        """torch's settings in force: its text is read each time (~0.2 us) and parsed again
+        only when it changed since."""
+        if self._get_settings_text is not None:
+            text = self._get_settings_text()
+            if text != self._settings.text:
+                self._follow_settings(text)
         return self._settings
+
+    def _follow_settings(self, text: str) -> None:
+        settings, error = apply_alloc_conf(text, previous=self._settings)
+        if error is not None:
+            # torch refused it too (it ran the same parse) and kept what it read before the
+            # key that failed: so does this copy.
+            logger.warning("torch's allocator settings %r were refused at a key (%s); "
+                           "following what torch kept", text, error)
+        self._settings = settings
+        self._expandable_seen |= settings.expandable_segments
 
     def reservable_bytes(self) -> int:
         """The cap (``memory_fraction``), else the card less what other holders took at the
@@ -163,57 +214,141 @@ class CudaBackend:
             return int(fraction * self._total_bytes)
         return self._total_bytes - self._non_torch
 
-    def cache_state(self, nbytes: int) -> CacheState:
-        """From the cheapest source that answers, cheapest first (costs measured on a lent GPU
-        go in docs/gpu-results.md):
+    def cache_state(self, nbytes: int, *, fresh: bool = False) -> CacheState:
+        """What a request of ``nbytes`` would do, for a decision: never from a snapshot older
+        than the allocator's counters. Cheapest source first (costs measured on a lent GPU are
+        in docs/gpu-results.md):
 
         * the allocator's stats (one read, as ``sample()``): per pool, the cached free bytes
-          (reserved - active) and the inactive split, so releasable = cached free - inactive
-          split exactly, and "no cached block can fit" whenever the pool's cached free bytes
-          are below the request;
+          (reserved - active) and the inactive split, so without expandable segments
+          releasable = cached free - inactive split exactly, and "no cached block can fit"
+          whenever the pool's cached free bytes are below the request;
         * ``mem_get_info``: the device's room (a driver call);
-        * the allocator snapshot, only when a cached block might fit, or under expandable
-          segments (whose free pages the stats do not show): the free blocks, best fit
-          exactly. It is reused while the allocator's counters show no allocation, free or
-          segment change since; when they moved it is retaken at most once per
-          ``snapshot_min_interval_s``, and an older one answers meanwhile (``estimate``).
+        * the allocator snapshot, only when a cached block might serve the request or
+          expandable segments are in play: exact while the counters have not moved since it
+          was taken. When they have, the answer is ``conservative`` (no cached block counted,
+          releasable a lower bound: a "fits" from it holds), unless ``fresh`` asks for a new
+          snapshot (~0.4 ms on an H200), which the allocator model does before it refuses.
         """
-        st = self._settings
+        st = self.allocator_settings
         stats = self._read_stats()
+        key = self._state_key(stats)
         dm = self.device_memory(_sample_of(stats))
         reserved = stats["reserved_bytes"]["all"]["current"]
         room = max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
         size = st.round_size(nbytes) if nbytes > 0 else 0
         pool = "small_pool" if st.is_small(size) and size else "large_pool"
-        cached = {p: stats["reserved_bytes"][p]["current"] - stats["active_bytes"][p]["current"]
-                  for p in ("small_pool", "large_pool")}
-        split = {p: stats["inactive_split_bytes"][p]["current"]
-                 for p in ("small_pool", "large_pool")}
-        new = st.new_bytes(size)
-        need_view = st.expandable_segments or (size and cached[pool] >= size) or nbytes == 0
-        view = self._cache_view(stats) if need_view else None
+        cached = stats["reserved_bytes"][pool]["current"] - stats["active_bytes"][pool]["current"]
+        split = stats["inactive_split_bytes"]["all"]["current"]
+        expandable = st.expandable_segments or self._expandable_seen
+        fresh = (fresh or self.decision_views == "always") and self.decision_views != "never"
+        with self._view_lock:
+            view = self._view if self._view is not None and self._view.key == key else None
+        # Exact from the stats alone: no expandable segment (whose free pages the stats do
+        # not show), no CUDA graph pool (whose free segments stay until its graph goes), and
+        # no cached block of the pool big enough.
+        stats_exact = (not expandable and not self._private_pools_seen
+                       and (size == 0 or cached < size))
+        if view is None and fresh and not stats_exact:
+            view = self._take_view(key, stats)
         if view is None:
-            releasable = sum(cached.values()) - sum(split.values())
-            return CacheState(size, 0, new, room, releasable, 0,
-                              stats["inactive_split_bytes"]["all"]["current"],
-                              st.expandable_segments)
+            releasable = 0 if expandable else (
+                sum(stats["reserved_bytes"][p]["current"] - stats["active_bytes"][p]["current"]
+                    for p in ("small_pool", "large_pool")) - split)
+            new = after = self._worst_new(st, size)
+            return CacheState(size, 0, new, after, room, releasable, 0, split,
+                              st.expandable_segments, conservative=not stats_exact)
         reuse = view.fit(pool, size, st) if size else 0
-        return CacheState(size, reuse, 0 if reuse or not size else new, room, view.releasable,
-                          view.largest("large_pool"),
-                          stats["inactive_split_bytes"]["all"]["current"],
-                          st.expandable_segments, estimate=view.stale)
+        new = after = self._worst_new(st, size)
+        if size and st.expandable_segments:
+            planned = view.expandable_new_bytes(pool, size, st)
+            if planned is not None:
+                new, after = planned
+                if self.memory_fraction() < 1.0:  # the cap is checked on the segment size
+                    alloc = st.allocation_size(size)
+                    new, after = max(new, alloc), max(after, alloc)
+        return CacheState(size, reuse, 0 if reuse or not size else new, after, room,
+                          view.releasable, view.largest("large_pool"), split,
+                          st.expandable_segments)
 
-    def _cache_view(self, stats: dict[str, Any]) -> _CacheView:
-        key = _allocator_state_key(stats)
-        view = self._view
-        now = time.monotonic()
-        if view is not None and (view.key == key
-                                 or now - view.taken_at < self.snapshot_min_interval_s):
-            view.stale = view.key != key
-            return view
+    def cache_view(self) -> CacheState:
+        """``cache_state(0)``'s figures for a dashboard: from a snapshot taken at most once
+        per ``snapshot_min_interval_s`` whatever asks (an HTTP client cannot make the Director
+        take them at will); between two, the last one answers, marked ``estimate``."""
+        st = self.allocator_settings
+        stats = self._read_stats()
+        key = self._state_key(stats)
+        dm = self.device_memory(_sample_of(stats))
+        reserved = stats["reserved_bytes"]["all"]["current"]
+        room = max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
+        with self._view_lock:
+            view = self._view
+        stale = view is None or view.key != key
+        if stale and (view is None
+                      or time.monotonic() - view.taken_at >= self.snapshot_min_interval_s):
+            view, stale = self._take_view(key, stats), False
+        assert view is not None
+        return CacheState(0, 0, 0, 0, room, view.releasable, view.largest("large_pool"),
+                          stats["inactive_split_bytes"]["all"]["current"],
+                          st.expandable_segments, estimate=stale)
+
+    def _take_view(self, key: tuple[int, ...], stats: dict[str, Any]) -> CacheView:
         segments = torch.cuda.memory._snapshot(self._index)["segments"]  # type: ignore[attr-defined]
-        self._view = _CacheView.from_segments(segments, key, now, self._settings)
-        return self._view
+        self.snapshots_taken += 1
+        if not self._unmapped_ever and not stats.get("num_device_free", 0):
+            # Nothing was ever given back: each expandable segment is one range from its start.
+            self._bases.learn(s for s in segments if int(s.get("device", self._index))
+                              == self._index)
+        view = CacheView(segments, key, time.monotonic(), device=self._index,
+                         stream=self._current_stream(), settings=self._settings,
+                         bases=self._bases)
+        self._private_pools_seen |= view.private_pools
+        with self._view_lock:
+            self._view = view
+        return view
+
+    def _worst_new(self, st: AllocatorSettings, size: int) -> int:
+        """The most a request no cached block serves can reserve: its segment, or under
+        expandable segments its whole pages (a free tail it might grow not counted)."""
+        if not size:
+            return 0
+        if st.expandable_segments:
+            pages = _round_up(size, st.page_bytes(st.is_small(size)))
+            return max(pages, st.allocation_size(size)) if self.memory_fraction() < 1.0 \
+                else pages
+        return st.allocation_size(size)
+
+    def _state_key(self, stats: dict[str, Any]) -> tuple[int, ...]:
+        """Counters that move whenever the set of cached blocks changes, and an epoch that
+        moves when they go back (``reset_accumulated_memory_stats``), so that a key seen
+        before a reset is not taken for one after it."""
+        allocations = stats["allocation"]["all"]["allocated"]
+        if allocations < self._last_allocations:
+            self._view_epoch += 1
+        self._last_allocations = allocations
+        if stats.get("num_device_free", 0):
+            self._unmapped_ever = True
+        return (self._view_epoch, *_allocator_state_key(stats))
+
+    def _current_stream(self) -> int:
+        if self._stream is not None:
+            return self._stream
+        try:
+            return int(torch.cuda.current_stream(self._index).cuda_stream)
+        except Exception:  # a stand-in torch.cuda without streams: the default stream
+            return 0
+
+    def _on_out_of_memory(self, device: int, alloc: int, total: int, free: int) -> None:
+        # Called by the allocator with its lock released, before the error is raised.
+        if device != self._index:
+            return
+        with self._oom_lock:
+            self._oom_events += 1
+        with self._view_lock:
+            self._view = None
+
+    def allocator_oom_events(self) -> int:
+        return self._oom_events
 
     def memory_snapshot(self) -> dict[str, Any]:
         """``torch.cuda.memory._snapshot()``: segments, blocks and (with memory history on)
@@ -312,57 +447,14 @@ class NvmlReader:
             get(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000))
 
 
-class _CacheView:
-    """The free blocks of an allocator snapshot, sorted by size per pool."""
-
-    def __init__(self, free: dict[str, list[int]], releasable: int, key: tuple[int, ...],
-                 taken_at: float) -> None:
-        self.free = free
-        self.releasable = releasable
-        self.key = key
-        self.taken_at = taken_at
-        self.stale = False
-
-    @classmethod
-    def from_segments(cls, segments: list[dict[str, Any]], key: tuple[int, ...],
-                      taken_at: float, st: AllocatorSettings) -> _CacheView:
-        free: dict[str, list[int]] = {"small_pool": [], "large_pool": []}
-        releasable = 0
-        for seg in segments:
-            pool = f"{seg.get('segment_type', 'large')}_pool"
-            blocks = seg.get("blocks", [])
-            page = st.page_bytes(pool == "small_pool")
-            for b in blocks:
-                if b.get("state") != "inactive":
-                    continue
-                free[pool].append(b["size"])
-                if seg.get("is_expandable"):
-                    start = b["address"] - seg["address"]
-                    end = start + b["size"]
-                    releasable += max(0, end // page * page - (-(-start // page) * page))
-                elif len(blocks) == 1:
-                    releasable += b["size"]
-        for sizes in free.values():
-            sizes.sort()
-        return cls(free, releasable, key, taken_at)
-
-    def fit(self, pool: str, size: int, st: AllocatorSettings) -> int:
-        sizes = self.free[pool]
-        i = bisect.bisect_left(sizes, size)
-        if i == len(sizes) or not st.reusable(sizes[i], size):
-            return 0
-        return sizes[i]
-
-    def largest(self, pool: str) -> int:
-        sizes = self.free[pool]
-        return sizes[-1] if sizes else 0
-
-
 def _allocator_state_key(stats: dict[str, Any]) -> tuple[int, ...]:
-    """Counters that move whenever the set of cached blocks changes."""
+    """Counters that move whenever the set of cached blocks changes (every allocation, free,
+    segment and page), and the levels, which a reset of the accumulated stats leaves alone."""
     a, seg = stats["allocation"]["all"], stats["segment"]["all"]
     return (a["allocated"], a["freed"], seg["allocated"], seg["freed"],
-            stats.get("num_device_alloc", 0), stats.get("num_device_free", 0))
+            stats.get("num_device_alloc", 0), stats.get("num_device_free", 0),
+            stats["reserved_bytes"]["all"]["current"], stats["active_bytes"]["all"]["current"],
+            stats["inactive_split_bytes"]["all"]["current"], a["current"])
 
 
 def _sample_of(stats: dict[str, Any]) -> AllocatorSample:
@@ -372,16 +464,27 @@ def _sample_of(stats: dict[str, Any]) -> AllocatorSample:
                            stats["num_alloc_retries"], stats["num_ooms"])
 
 
-def _settings_in_force() -> AllocatorSettings:
-    """What the allocator parsed: the text torch was last given (``_accelerator_
-    setAllocatorSettings``), else the environment, as torch reads it."""
-    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    try:
-        text = getter() if getter is not None else ""
-        return parse_alloc_conf(text) if text else settings_from_environment()
-    except ValueError as exc:  # torch itself refuses these; should it not, keep its defaults
-        logger.warning("allocator settings not understood (%s); assuming torch's defaults", exc)
-        return DEFAULT_SETTINGS
+def _settings_in_force(getter: Callable[[], str] | None) -> AllocatorSettings:
+    """What the allocator parsed: the text torch was last given (its start reads
+    ``PYTORCH_CUDA_ALLOC_CONF`` and the others through the same call), else, on a torch
+    without the getter, the environment as torch reads it."""
+    if getter is None:
+        try:
+            return settings_from_environment()
+        except ValueError as exc:  # torch itself refused it; should it not, keep its defaults
+            logger.warning("allocator settings not understood (%s); assuming torch's "
+                           "defaults", exc)
+            return DEFAULT_SETTINGS
+    text = getter()
+    settings, error = apply_alloc_conf(text)
+    if error is not None:
+        logger.warning("torch's allocator settings %r were refused at a key (%s); following "
+                       "what torch kept", text, error)
+    return settings
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _nvidia_uuid(raw: object) -> str | None:
