@@ -23,6 +23,20 @@ module differ from mem_tracker, which counts what a whole program holds:
   or allocation (``SimulatedBackend._free_queued``), so every figure the monitor reads is
   exact.
 
+Inside a capture the card's kernels run too (``kernels=False`` leaves them out): what a real
+card's kernels allocate inside themselves goes through the same caching allocator, and a meta
+forward pass makes none of it. app/backends/kernels holds each rule and its source:
+
+* attention takes the kernel an RTX 3060 picks (FlashAttention-2, else the memory-efficient
+  kernel, with its fp32 accumulator past a head dim of 128), not meta's math path, which
+  materialises the whole score matrix in fp32;
+* nn.LSTM/GRU/RNN allocate what cuDNN's one call does, not meta's per-step decomposition;
+* a convolution's cuDNN workspace is placed after its output and freed after the call, and
+  when it does not fit, the call goes on without it, as cuDNN tries its next plan (the
+  allocator counted the OOM first);
+* the first matmul on the card places cuBLAS's workspace, which stays (it belongs to the
+  card, not to the pass: a recording leaves it out of the trace).
+
 A capture follows the thread that entered it only: PyTorch keeps dispatch modes per thread,
 so a tensor made on a worker thread is not charged (enter ``capture()`` on that thread too).
 Storages charged inside a capture stay on the card after it ends, until they die: a model
@@ -33,16 +47,26 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from app.backends.base import OutOfMemoryError
+from app.backends.kernels import convolution, cublas
+
 if TYPE_CHECKING:
     from app.backends.simulated import SimulatedBackend
 
 _META = torch.device("meta")
+# The ops a capture can see a convolution or a matmul as: under inference_mode PyTorch does not
+# decompose the composite ones (conv2d, linear) before a dispatch mode sees them.
+_CONVOLUTIONS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d"))
+_MATMULS = frozenset(getattr(torch.ops.aten, name) for name in cublas.MATMUL_OPS)
 M = TypeVar("M", bound=torch.nn.Module)
 
 
@@ -67,10 +91,12 @@ class AllocationTrace:
     code: an event ``n >= 0`` allocates ``n`` bytes (the i-th such event is allocation ``i``),
     ``n < 0`` frees allocation ``~n``. ``marks`` names where each part begins (``mark()``):
     ``(name, index of its first event)``. Allocations still live at the end are what the
-    captured code kept (its outputs)."""
+    captured code kept (its outputs). ``optional``: the allocations a kernel does without when
+    they do not fit (a convolution's workspace): a replay that cannot place one goes on."""
 
     events: tuple[int, ...]
     marks: tuple[tuple[str, int], ...] = ()
+    optional: frozenset[int] = frozenset()
 
     @property
     def allocations(self) -> int:
@@ -131,9 +157,11 @@ class Capture(TorchDispatchMode):
     """The context manager ``SimulatedBackend.capture()`` returns; see the module docstring.
 
     ``record=True`` keeps the allocations and frees in order; :meth:`trace` returns them.
+    ``kernels=False``: meta's own kernels (math attention, decomposed RNNs, no workspaces).
     """
 
-    def __init__(self, card: SimulatedBackend, *, record: bool = False) -> None:
+    def __init__(self, card: SimulatedBackend, *, record: bool = False,
+                 kernels: bool = True) -> None:
         super().__init__()
         self._card = card
         # id(storage) -> charge, while it lives: the card's, shared by all its captures, so
@@ -141,8 +169,12 @@ class Capture(TorchDispatchMode):
         self._charged: dict[int, _Charge] = card._charged
         self._events: list[int] | None = [] if record else None
         self._marks: list[tuple[str, int]] = []
+        self._optional: set[int] = set()
         self._allocations = 0
         self._recording = record
+        self._kernels = kernels
+        self._modes = ExitStack()
+        self.absorbed_ooms = 0  # workspaces that did not fit, gone without (cuDNN's retries)
 
     # -- what a caller sees -------------------------------------------------------------
 
@@ -154,9 +186,21 @@ class Capture(TorchDispatchMode):
     def trace(self) -> AllocationTrace:
         if self._events is None:
             raise RuntimeError("capture(record=True) records a trace; this one did not")
-        return AllocationTrace(tuple(self._events), tuple(self._marks))
+        return AllocationTrace(tuple(self._events), tuple(self._marks),
+                               frozenset(self._optional))
+
+    def __enter__(self) -> Capture:
+        super().__enter__()
+        if self._kernels:
+            from app.backends.kernels.attention import CardAttention
+            from app.backends.kernels.rnn import CardRNN
+
+            self._modes.enter_context(CardAttention())
+            self._modes.enter_context(CardRNN())
+        return self
 
     def __exit__(self, *exc: object) -> None:
+        self._modes.close()
         super().__exit__(*exc)
         self._recording = False  # frees after the end are the outputs being dropped
         self._card._free_queued_now()
@@ -165,6 +209,8 @@ class Capture(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if self._kernels and func.overloadpacket in _MATMULS and self._card._cublas is None:
+            self._card._place_cublas_workspace()
         out = func(*args, **kwargs)
         inputs: set[int] | None = None
         for t in _tensors(out):
@@ -183,7 +229,30 @@ class Capture(TorchDispatchMode):
                 self._charge(storage, key, nbytes)
             elif charge.nbytes != nbytes:
                 self._replace(storage, key, charge, nbytes)
+        if self._kernels and func.overloadpacket in _CONVOLUTIONS:
+            self._workspace(args, out)
         return out
+
+    def _workspace(self, args: tuple, out: Any) -> None:
+        """cuDNN's workspace for a convolution just made: placed after its output, freed at the
+        call's end; one that does not fit is gone without (cuDNN's next plan needs less)."""
+        x, w = args[0], args[1]
+        if not (isinstance(out, torch.Tensor) and x.device == w.device == out.device == _META):
+            return
+        nbytes = convolution.workspace_bytes(x, w, out)
+        if nbytes <= 0:
+            return
+        try:
+            handle = self._card.allocate(nbytes)
+        except OutOfMemoryError:
+            self.absorbed_ooms += 1
+            return
+        index = self._allocations
+        self._allocations += 1
+        if self._events is not None:
+            self._optional.add(index)
+            self._events.extend((nbytes, ~index))
+        self._card.free(handle)
 
     def _charge(self, storage: torch.UntypedStorage, key: int, nbytes: int) -> None:
         # The card raises torch.OutOfMemoryError here, from inside the op that allocated.

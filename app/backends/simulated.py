@@ -76,6 +76,9 @@ class SimulatedBackend(CachingAllocator):
 
     ``allocate``/``free`` stand in for creating and dropping tensors. Thread-safe.
 
+    ``compute_capability``: the card's architecture, which decides the kernels a capture
+    models (cuBLAS's workspace size); an RTX 3060's, (8, 6), by default.
+
     ``segment_addresses``: where new segments go, in order (what cudaMalloc returned on a
     real card; after them, above every segment). Best fit breaks ties between equal-sized
     cached blocks by address, so a replay fed a card's own addresses takes its choices.
@@ -94,6 +97,7 @@ class SimulatedBackend(CachingAllocator):
         name: str | None = None,
         alloc_conf: str | None = None,
         segment_addresses: Iterable[int] | None = None,
+        compute_capability: tuple[int, int] = (8, 6),
     ) -> None:
         if total_bytes <= 0:
             raise ValueError(f"total_bytes must be positive, got {total_bytes}")
@@ -118,6 +122,10 @@ class SimulatedBackend(CachingAllocator):
         # the next read (a storage can die inside the garbage collector, lock held).
         self._charged: dict[int, _Charge] = {}
         self._dead: deque[int] = deque()
+        # The kernels a capture models are those of this architecture (an RTX 3060: sm_86);
+        # cuBLAS's workspace, placed at the first matmul a capture sees, stays.
+        self.compute_capability = tuple(compute_capability)
+        self._cublas: int | None = None
 
     def clone(self) -> SimulatedBackend:
         """An independent copy of the card as it is now: same settings, cap, segments, blocks
@@ -134,6 +142,7 @@ class SimulatedBackend(CachingAllocator):
             blocks = self._copy_state_into(twin)
             twin._handles = {h: None if b is None else blocks[id(b)]
                              for h, b in self._handles.items()}
+            twin.compute_capability, twin._cublas = self.compute_capability, self._cublas
             twin._ids = itertools.count(max(self._handles, default=0) + 1)
             return twin
 
@@ -298,7 +307,7 @@ class SimulatedBackend(CachingAllocator):
             return True
         return tensor.is_meta and id(tensor.untyped_storage()) in self._charged
 
-    def capture(self, *, record: bool = False) -> Capture:
+    def capture(self, *, record: bool = False, kernels: bool = True) -> Capture:
         """A context manager inside which every tensor storage that PyTorch code creates on
         the ``meta`` device is placed on this card by the caching allocator's rules, and freed
         when the storage dies; views share their base's block; a request that does not fit
@@ -306,10 +315,19 @@ class SimulatedBackend(CachingAllocator):
         counts, and what was placed inside stays until it dies (a model loaded inside stays
         resident). It follows the thread that entered it only. ``record=True``: the
         capture's ``trace()`` gives the allocations and frees in order, to replay.
-        See app/backends/capture.py."""
+        ``kernels``: the card's kernels run as well (attention routed as on the card, cuDNN's
+        RNNs and convolution workspaces, cuBLAS's workspace); False leaves meta's own.
+        See app/backends/capture.py and app/backends/kernels."""
         from app.backends.capture import Capture
 
-        return Capture(self, record=record)
+        return Capture(self, record=record, kernels=kernels)
+
+    def _place_cublas_workspace(self) -> None:
+        """cuBLAS's workspace, placed once (the first matmul a capture sees) and kept."""
+        from app.backends.kernels import cublas
+
+        if self._cublas is None:
+            self._cublas = self.allocate(cublas.workspace_bytes(self.compute_capability))
 
     # -- the simulated tensors --------------------------------------------------------------
 

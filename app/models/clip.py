@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.models.attention import flash_attention
+from app.backends.kernels.attention import flash_attention
 
 __all__ = [
     "CLIP_B_CONFIG",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.models.attention import flash_attention
+from app.backends.kernels.attention import flash_attention
 from app.models.quant import quantize_linears
 
 __all__ = [

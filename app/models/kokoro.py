@@ -28,7 +28,7 @@ What it assumes:
   one-layer bidirectional, hidden 256; ``shared`` runs over the alignment frames, the others over
   the tokens, packed or not): on meta ``nn.LSTM`` has no fused kernel and PyTorch decomposes it
   per time step, thousands of storages a call and most of the forward's time, where the card runs
-  one cuDNN call. :func:`speak` runs under :func:`app.models.rnn.cudnn_rnn`, so each LSTM makes
+  one cuDNN call. :func:`speak` runs under :func:`app.backends.kernels.rnn.cudnn_rnn`, so each LSTM makes
   what ``_cudnn_rnn`` makes on the card instead: the output, ``h_n``, ``c_n``, the input copy
   cuDNN makes of a transposed input, and a transient workspace whose size is an upper-bound
   estimate (cuDNN does not publish its formula; see that module). The weights are taken to be
@@ -56,9 +56,9 @@ Where ``_forward_with_tokens`` differs from ``KModel.forward_with_tokens``, and 
 4. ``pad_packed_sequence`` is swapped, for the call and for meta tensors only, for one that
    skips ``lengths[unsorted_indices.cpu()]`` (a copy out of a meta tensor); for Kokoro's batch
    of one sequence that indexing is the identity.
-The ALBERT forward runs under :func:`app.models.attention.flash_attention`, so its SDPA takes the
+The ALBERT forward runs under :func:`app.backends.kernels.attention.flash_attention`, so its SDPA takes the
 kernel an RTX 3060 would (for fp32, the memory-efficient one); the whole forward runs under
-:func:`app.models.rnn.cudnn_rnn`, so its LSTMs allocate as cuDNN does on that card.
+:func:`app.backends.kernels.rnn.cudnn_rnn`, so its LSTMs allocate as cuDNN does on that card.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ from kokoro.modules import CustomAlbert, ProsodyPredictor, TextEncoder
 from torch import nn
 from transformers import AlbertConfig
 
-from app.models.attention import flash_attention
-from app.models.rnn import cudnn_rnn
+from app.backends.kernels.attention import flash_attention
+from app.backends.kernels.rnn import cudnn_rnn
 
 # hexgrad/Kokoro-82M config.json, without its 178-entry phoneme vocab
 CONFIG: dict = {

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from app.models import clip, flux
-from app.models.attention import flash_attention
+from app.backends.kernels.attention import flash_attention
 from app.models.quant import Linear4bit, parameter_count, quantize_linears
 
 FLASH = "aten._scaled_dot_product_flash_attention.default"

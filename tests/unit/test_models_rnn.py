@@ -1,4 +1,4 @@
-"""app.models.rnn: meta RNN calls return what the un-routed meta forward returns (shapes, dtypes)
+"""app.backends.kernels.rnn: meta RNN calls return what the un-routed meta forward returns (shapes, dtypes)
 while allocating what cuDNN's ``_cudnn_rnn`` allocates on the card: a handful of storages a call,
 not a few per time step, and a workspace that is gone when the call returns."""
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from app.models.rnn import cudnn_rnn, workspace_bytes
+from app.backends.kernels.rnn import cudnn_rnn, workspace_bytes
 from tests.meta_storages import NewStorages
 
 

@@ -7,6 +7,8 @@ import random
 import pytest
 import torch
 
+from app.backends.kernels import cublas
+
 pytest.importorskip("diffusers")
 pytest.importorskip("kokoro")
 
@@ -113,4 +115,5 @@ def test_a_forward_that_does_not_fit_raises_from_the_op(director):
     tight = SimulatedBackend(4 * GB)  # the decode at 2048x2048 needs 6.4 GB
     with pytest.raises(torch.OutOfMemoryError), tight.capture():
         device.models.forward("vae", SlotShape(side=2048))
-    assert tight.sample().allocated_bytes == 0
+    # all freed but cuBLAS's workspace, which the card keeps once a matmul has run
+    assert tight.sample().allocated_bytes == cublas.workspace_bytes(tight.compute_capability)

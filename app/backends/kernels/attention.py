@@ -15,7 +15,9 @@ same preprocessing that ``at::scaled_dot_product_attention`` (attention.cpp) doe
   when training with head dim in (192, 224] (a limit specific to sm86-89). A head dim that is not a
   multiple of 8 is padded with ``F.pad`` and the output sliced, as attention.cpp does.
 - memory-efficient (xFormers/CUTLASS), ``aten._scaled_dot_product_efficient_attention``, for every
-  other fp32/fp16/bf16 call: an ``attn_mask`` (converted from bool to an additive mask in q's dtype,
+  other fp32/fp16/bf16 call (in half precision with a head dim over 128 it also sums the output
+  in an fp32 buffer of the output's shape, which it frees on return: made here, and freed, so a
+  capture sees it): an ``attn_mask`` (converted from bool to an additive mask in q's dtype,
   padded when its strides are not 8-aligned, expanded to ``[B, H, L, S]``), fp32 inputs, or head
   dims above 256 (the Flux VAE's mid-block attention, head dim 512). It needs the head dim to be a
   multiple of 8 for half and of 4 for fp32, storage offsets aligned to 16 bytes and, on the GPU, a
@@ -42,6 +44,7 @@ __all__ = ["CardAttention", "flash_attention"]
 _SDPA = F.scaled_dot_product_attention
 _HALF = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
+_SINGLE_PASS_HEAD_DIM = 128  # the efficient kernel's largest head dim without an accumulator
 
 
 class CardAttention(TorchFunctionMode):
@@ -161,9 +164,15 @@ def _efficient(q, k, v, mask, dropout_p, is_causal, scale) -> torch.Tensor:
             mask = torch.where(mask.logical_not(), -math.inf, zero)
         mask = _preprocess_mask(mask, q, k)
     log_sumexp = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return torch.ops.aten._scaled_dot_product_efficient_attention(
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, mask, log_sumexp, dropout_p, is_causal, scale=scale
     )[0]
+    if q.dtype in _HALF and max(q.size(-1), v.size(-1)) > _SINGLE_PASS_HEAD_DIM:
+        # Past 128 the kernel cannot hold a row's output in registers across its key blocks:
+        # it sums it in an fp32 buffer of the output's shape, freed on return
+        # (_efficient_attention_forward's output_accum, kNeedsOutputAccumulatorBuffer).
+        torch.empty(out.shape, dtype=torch.float32, device=q.device)
+    return out
 
 
 def _preprocess_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
