@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import threading
 from collections.abc import Callable
 
@@ -29,14 +30,30 @@ def _ctx(context: str) -> str:
     return f" [{context}]" if context else ""
 
 
+def integral(value: object) -> int | None:
+    """``value`` as an int when it is an integral number, whatever its type (``int``, numpy's
+    integers, a 0-d integer tensor: what ``operator.index`` takes); else None. A bool is not a
+    byte count, though Python lets it pass for one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def request_size(value: object, name: str = "requested_bytes") -> int:
-    """A size in bytes as an int: integral numbers are taken, anything else is refused with
-    the argument's name (NaN, inf, fractions, strings, booleans)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of bytes, got {type(value).__name__}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{name} must be a whole, finite number of bytes, got {value!r}")
-    n = int(value)
+    """A size in bytes as an int: integral numbers (see ``integral``) and whole floats are
+    taken, anything else is refused with the argument's name (NaN, inf, fractions, strings,
+    booleans)."""
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{name} must be a whole, finite number of bytes, got {value!r}")
+        n = int(value)
+    else:
+        n = integral(value)
+        if n is None:
+            raise TypeError(f"{name} must be a number of bytes, got {type(value).__name__}")
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     if n >= MAX_REQUEST_BYTES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -183,9 +184,10 @@ class VRAMMonitor(MonitorViews):
         Returns the projected usage in bytes, from the allocator model (placement.py): on
         the reserved basis a request that reuses a cached block adds nothing and a new
         segment adds its size, and a request that fits once the cache is released is not
-        refused: the cache is released first. ``requested_bytes`` is a whole number of bytes
-        (``ValueError``/``TypeError`` otherwise). Fails open like ``check_limits`` (returns
-        ``None``) when the backend cannot be read.
+        refused: the cache is released first. ``requested_bytes`` is a whole number of bytes:
+        an integral number of any type (``int``, ``numpy.int64``, ...) or a whole float
+        (``ValueError``/``TypeError`` otherwise, a bool included). Fails open like
+        ``check_limits`` (returns ``None``) when the backend cannot be read.
         """
         return self._limits.check_allocation(requested_bytes, context)
 
@@ -198,10 +200,9 @@ class VRAMMonitor(MonitorViews):
         work (fewer frames, a lower resolution) keeps the slot, degraded, instead of losing
         it; the running generation's outcome becomes ``degraded``, and the forecast learns
         the size it wanted. Costs what ``check_allocation`` costs when the request fits.
+        ``min_fraction`` outside [0, 1] is a ``ValueError`` naming it.
         """
-        fraction = _number("min_fraction", min_fraction, at_least=0)
-        if fraction > 1:
-            raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]")
+        fraction = _share("min_fraction", min_fraction, zero=True)
         nbytes, wanted = self._limits.fit(requested_bytes, context, fraction)
         if wanted:
             self._tracker.note_fitted(wanted)
@@ -283,10 +284,9 @@ class VRAMMonitor(MonitorViews):
         while a generation runs. One generation at a time per monitor. An OOM escaping the
         slot (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) becomes a
         ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
+        ``scale`` outside (0, 1] is a ``ValueError`` naming it.
         """
-        scale = _number("scale", scale, above=0)
-        if scale > 1:
-            raise ValueError(f"scale={scale!r} must be in (0, 1]")
+        scale = _share("scale", scale, zero=False)
         return self._scopes.generation(slot, scale)
 
     def stage(self, name: str) -> AbstractContextManager[None]:
@@ -402,6 +402,16 @@ class VRAMMonitor(MonitorViews):
         if take is None:
             raise TypeError(f"{type(self._backend).__name__} gives no allocator snapshot")
         return take()
+
+
+def _share(name: str, value: Any, *, zero: bool) -> float:
+    """A share of a whole, in [0, 1] (``zero``) or (0, 1], as a float; else a plain
+    ``ValueError`` naming the argument, whatever is wrong with it (type, NaN, range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            0 <= value <= 1 if zero else 0 < value <= 1):
+        raise ValueError(f"{name}={value!r} must be in {'[0, 1]' if zero else '(0, 1]'}")
+    return float(value)
+
 
 def _number(name: str, value: Any, *, above: float | None = None,
             at_least: float | None = None) -> float:

@@ -1,0 +1,75 @@
+"""Issue 25: what a new integrator tripped over, each with the test that showed it, written
+before the fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app import SimulatedBackend, check_allocation
+from app.backends.capture import as_loaded
+from app.guards import install_monitor
+from tests.conftest import GB
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------ 5. sizes and arguments
+
+
+@pytest.mark.parametrize("size", [np.int64(10**9), np.uint32(10**9), torch.tensor(10**9)])
+def test_a_byte_count_of_any_integral_type_is_a_byte_count(monitor, card, size):
+    projected = monitor.check_allocation(size, "numpy")
+    assert projected == monitor.check_allocation(10**9, "int")
+    assert monitor.fit_allocation(size, "numpy") == 10**9
+    assert monitor.validate_buffers({"video": size}) == monitor.validate_buffers({"video": GB})
+    install_monitor(monitor)
+    assert check_allocation(size) == projected
+
+
+@pytest.mark.parametrize("size", [np.bool_(True), True])
+def test_a_boolean_is_not_a_byte_count(monitor, size):
+    with pytest.raises(TypeError, match="requested_bytes"):
+        monitor.check_allocation(size)
+    with pytest.raises(ValueError, match="video"):
+        monitor.validate_buffers({"video": size})
+
+
+def test_floats_are_taken_as_before(monitor):
+    assert monitor.check_allocation(np.float64(1e9)) == monitor.check_allocation(10**9)
+    with pytest.raises(ValueError, match="whole, finite"):
+        monitor.check_allocation(1.5)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_min_fraction_out_of_range_is_one_plain_value_error(monitor, fraction):
+    with pytest.raises(ValueError, match=r"^min_fraction=.* must be in \[0, 1\]$") as err:
+        monitor.fit_allocation(GB, "latents", min_fraction=fraction)
+    assert type(err.value) is ValueError
+
+
+def test_as_loaded_given_a_module_says_to_pass_a_builder(card):
+    with torch.device("meta"):
+        module = torch.nn.Linear(64, 64)
+    with card.capture(), pytest.raises(TypeError, match=r"as_loaded\(lambda: "):
+        as_loaded(module)
+    assert card.sample().allocated_bytes == 0
+    with card.capture():
+        built = as_loaded(lambda: module)
+    assert card.sample().allocated_bytes >= 64 * 64 * 4
+    assert built is module
+
+
+def test_replay_takes_a_trace_as_well_as_its_events(card):
+    with card.capture(record=True) as capture:
+        x = torch.empty(8 * MiB, dtype=torch.uint8, device="meta")
+        y = x + 1
+        del x, y
+    trace = capture.trace()
+    assert trace.allocations == 2
+    by_trace, by_events = SimulatedBackend(12 * GB), SimulatedBackend(12 * GB)
+    by_trace.replay(trace, repeats=3)
+    by_events.replay(trace.events, repeats=3)
+    assert by_trace.memory_stats() == by_events.memory_stats()
+    assert by_trace.memory_stats()["allocation.all.allocated"] == 6
