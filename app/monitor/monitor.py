@@ -24,13 +24,14 @@ import logging
 import math
 import numbers
 import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.backends import MemoryBackend, default_backend
+from app.backends import MemoryBackend, default_backend, is_oom_error
 from app.monitor.admission import Admitter, Forecaster
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults, RateLimit
@@ -49,11 +50,12 @@ from app.monitor.records import (
     PreflightResult,
     VRAMSnapshot,
 )
-from app.monitor.registry import ModelRegistry
+from app.monitor.registry import ModelRegistry, budget_bytes
 from app.monitor.scopes import Scopes
 from app.monitor.snapshots import SnapshotBuilder
 from app.monitor.views import MonitorViews
 from app.options import check_options, number
+from app.units import fmt_gb
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -227,14 +229,28 @@ class VRAMMonitor(MonitorViews):
         """Register ``name`` with the allocated bytes its loading adds.
 
         Load one model at a time inside it: anything else allocated meanwhile counts too.
-        Nothing is registered if loading raises. A name already registered is refused
+        Nothing is registered if loading raises. A load that runs out of memory
+        (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) raises
+        ``MemoryPressureError`` (``reason="oom"``) naming the model and its budget, once what
+        it placed is dropped and an emergency cleanup has returned the cache; inside a
+        generation that slot counts as out of memory. A name already registered is refused
         (``ValueError``) unless ``replace``. A model loaded once generations have run moves
         the automatic leak baselines by what it added: a deliberate load is not a leak, whether
         it happens between slots or lazily inside one.
         """
-        with self._registry.track_load(name, budget_gb, replace=replace,
-                                       read=self._allocated_now) as added:
-            yield
+        try:
+            with self._registry.track_load(name, budget_gb, replace=replace,
+                                           read=self._allocated_now) as added:
+                yield
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            # Drop the frames' locals so the tensors the failed load made can be freed.
+            traceback.clear_frames(exc.__traceback__)
+            budget = budget_bytes(budget_gb)
+            place = f"loading model {name}" + (
+                "" if budget is None else f" (budget {fmt_gb(budget)})")
+            raise self._scopes.escaped_oom(exc, place, f"load-{name}") from exc
         self._tracker.rebase_leak(added[0])
 
     def _allocated_now(self) -> int | None:

@@ -3,7 +3,7 @@
 They read the allocator at a scope's start and end, reset its peak register (the monitor
 owns it: it is global per device) and hand the figures to the generation tracker; their
 boundaries are where a cleanup another thread asked for runs (see cleanup.py). An OOM that
-escapes a slot becomes ``MemoryPressureError`` (oom.py).
+escapes a slot, or a model load (``escaped_oom``), becomes ``MemoryPressureError`` (oom.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from app.backends import AllocatorSample, MemoryBackend, is_oom_error
+from app.errors import MemoryPressureError
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
@@ -64,6 +65,11 @@ class Scopes:
         try:
             yield record
         except BaseException as exc:
+            if isinstance(exc, MemoryPressureError) and exc.reason == "oom":
+                # A model loaded inside the slot did not fit: track_model_load said so and
+                # cleaned up; the slot ran out of memory all the same.
+                self._finish(record, before_bytes, t0, "oom")
+                raise
             if not (isinstance(exc, Exception) and is_oom_error(exc)):
                 self._finish(record, before_bytes, t0, "failed")
                 raise
@@ -74,11 +80,17 @@ class Scopes:
             self._finish(record, before_bytes, t0, "ok")
             return
         self._finish(record, before_bytes, t0, "oom")
-        logger.error("CUDA out of memory in %s escaped the guards; cleaning up",
-                     where(slot, record.failed_stage))
-        write_post_mortem(self._backend, f"slot{slot}")  # the history as the OOM saw it
+        raise self.escaped_oom(oom, "in " + where(slot, record.failed_stage),
+                               f"slot{slot}") from oom
+
+    def escaped_oom(self, oom: BaseException, place: str, tag: str) -> MemoryPressureError:
+        """An OOM that escaped the guards ``place``, its frames already cleared (so what it
+        held can die): logged, the post-mortem written (the history as the OOM saw it), the
+        cache returned; the error to raise in its place."""
+        logger.error("CUDA out of memory %s escaped the guards; cleaning up", place)
+        write_post_mortem(self._backend, tag)
         self._cleanup("oom", True)
-        raise oom_error(oom, slot, record.failed_stage) from oom
+        return oom_error(oom, place)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

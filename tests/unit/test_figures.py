@@ -145,11 +145,11 @@ def test_the_cooldown_message_says_gb_as_the_cli():
 
 
 def test_the_oom_text_keeps_the_allocator_s_units_and_says_so():
-    err = oom_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore"), 3,
-                    "flux")
+    err = oom_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore"),
+                    "in slot 3, stage flux")
     assert str(err) == ("CUDA out of memory in slot 3, stage flux (the allocator's message, in "
                         "binary MiB/GiB): CUDA out of memory. Tried to allocate 2.00 GiB.")
-    assert str(oom_error(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), 3, None)) == (
+    assert str(oom_error(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), "in slot 3")) == (
         "CUDA out of memory in slot 3: CUBLAS_STATUS_ALLOC_FAILED")
 
 

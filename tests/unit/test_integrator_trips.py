@@ -1,5 +1,5 @@
-"""Issue 25: what a new integrator tripped over, each with the test that showed it, written
-before the fix."""
+"""Issue 25: what a new integrator tripped over (items 5, 6, 7 and 11), each with the test
+that showed it, written before the fix."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from app import SimulatedBackend, check_allocation
+from app import MemoryPressureError, SimulatedBackend, VRAMMonitor, check_allocation
 from app.backends.capture import as_loaded
 from app.guards import install_monitor
-from tests.conftest import GB
+from tests.conftest import GB, MB, allocate_exact
 
 MiB = 1 << 20
 
@@ -73,3 +73,52 @@ def test_replay_takes_a_trace_as_well_as_its_events(card):
     by_events.replay(trace.events, repeats=3)
     assert by_trace.memory_stats() == by_events.memory_stats()
     assert by_trace.memory_stats()["allocation.all.allocated"] == 6
+
+
+# ------------------------------------------------------------------ 6. a load that does not fit
+
+
+def test_a_load_that_runs_out_of_memory_is_memory_pressure_naming_the_model(monitor, card):
+    with monitor.track_model_load("kokoro", budget_gb=0.4):
+        allocate_exact(card, 400 * MB)
+    with pytest.raises(MemoryPressureError, match=r"model flux \(budget 6\.000GB\)") as err:
+        with monitor.track_model_load("flux", budget_gb=6.0):
+            card.allocate(13 * GB)
+    assert err.value.reason == "oom"
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+    assert [m.name for m in monitor.models()] == ["kokoro"]
+    assert monitor.cleanups_by_reason()[0] == {"oom": 1}
+
+
+def test_a_real_module_too_big_for_the_card_leaves_nothing_behind():
+    card = SimulatedBackend(GB)
+    monitor = VRAMMonitor(backend=card)
+
+    def build() -> torch.nn.Module:
+        with torch.device("meta"):
+            return torch.nn.Sequential(*(torch.nn.Linear(4096, 4096) for _ in range(20)))
+
+    with pytest.raises(MemoryPressureError, match="unet") as err:
+        with monitor.track_model_load("unet", budget_gb=0.9), card.capture():
+            as_loaded(build)
+    assert err.value.reason == "oom"
+    assert monitor.models() == []
+    s = card.sample()
+    assert (s.allocated_bytes, s.reserved_bytes) == (0, 0)
+
+
+def test_a_load_oom_inside_a_slot_is_the_slots_oom(monitor, card):
+    with pytest.raises(MemoryPressureError, match="lora") as err:
+        with monitor.generation(3), monitor.track_model_load("lora"):
+            card.allocate(13 * GB)
+    assert err.value.reason == "oom"
+    c = monitor.counters()
+    assert (c.ooms_caught, c.generations_failed) == (1, 1)
+    assert monitor.recent_generations()[-1].status == "oom"
+    assert monitor.cleanups_by_reason()[0] == {"oom": 1}  # one cleanup, not one per scope
+
+
+def test_a_load_that_fails_otherwise_raises_as_it_was(monitor, card):
+    with pytest.raises(KeyError), monitor.track_model_load("flux"):
+        raise KeyError("weights")
+    assert monitor.models() == [] and monitor.emergency_cleanups == 0
