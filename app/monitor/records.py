@@ -104,6 +104,14 @@ class GenerationRecord:
 
     The generation loop owns it while the slot runs; the monitor fills in the ``*_after``
     figures, ``delta_bytes`` and ``peak_bytes`` on exit and never touches it again.
+
+    ``peak_bytes`` and ``stage_peaks_bytes`` (each stage's peak, by name) are absolute
+    allocated bytes, the resident models included: not the rise above the level before the
+    slot or the stage (``activation_peak_bytes`` is the slot's rise).
+    ``peak_over_hard_limit``: the peak crossed the hard limit, wherever the slot ended (a near
+    miss, which ``check_limits`` after the slot does not see; the monitor counts them). It is
+    read from the allocated peak on either limit basis, so on ``reserved`` a slot whose cache
+    alone crossed the limit is not flagged.
     """
 
     slot: int | None
@@ -111,7 +119,7 @@ class GenerationRecord:
     allocated_after_bytes: int = 0
     delta_bytes: int = 0
     peak_bytes: int = 0
-    stage_peaks_bytes: dict[str, int] = field(default_factory=dict)
+    stage_peaks_bytes: dict[str, int] = field(default_factory=dict)  # absolute, models in
     duration_s: float = 0.0
     status: str = "running"  # then "ok", "failed" or "oom"
     failed_stage: str | None = None
@@ -119,6 +127,7 @@ class GenerationRecord:
     scale: float = 1.0  # the share of its full-size activations the slot ran at
     wanted_peak_bytes: int = 0  # the peak a refused or shrunk allocation would have reached
     fitted: bool = False  # an allocation was shrunk to fit (fit_allocation)
+    peak_over_hard_limit: bool = False
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -191,6 +200,7 @@ class TrackerSummary:
     trend: LeakTrend
     liveness: Liveness
     forecast: Forecast
+    peaks_over_hard_limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +215,7 @@ class MonitorCounters:
     leak_warnings: int
     backend_errors: int  # failed reads of the device by the monitor: the guards were blind
     cleanup_failures: int
+    generations_peak_over_hard_limit: int  # near misses included: see GenerationRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +262,7 @@ class VRAMSnapshot:
     post_generation_allocated_bytes: int | None
     generations_failed: int
     ooms_caught: int
+    generations_peak_over_hard_limit: int  # slots whose peak crossed it, ended over it or not
     backend_errors: int
     cleanup_failures: int
     slot_outcomes: Mapping[str, int]  # full, degraded, skipped, aborted

@@ -3,13 +3,19 @@ that showed it, written before the fix."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+from rich.console import Console
 
 from app import MemoryPressureError, SimulatedBackend, VRAMMonitor, check_allocation
 from app.backends.capture import as_loaded
+from app.cli.render import status_view
 from app.guards import install_monitor
+from app.metrics import VRAMCollector
 from tests.conftest import GB, MB, allocate_exact
 
 MiB = 1 << 20
@@ -122,3 +128,26 @@ def test_a_load_that_fails_otherwise_raises_as_it_was(monitor, card):
     with pytest.raises(KeyError), monitor.track_model_load("flux"):
         raise KeyError("weights")
     assert monitor.models() == [] and monitor.emergency_cleanups == 0
+
+
+# ------------------------------------------------------------------ 7. a near miss
+
+
+def test_a_slot_whose_peak_crossed_the_hard_limit_says_so(monitor, card):
+    allocate_exact(card, 11 * GB)
+    with monitor.generation(1) as near:
+        card.free(card.allocate(960 * MB))  # 11.96 GB at the peak, 11.0 GB at the end
+    assert monitor.check_limits("after") is not None  # silent: the slot ended under the limit
+    with monitor.generation(2) as clear:
+        card.free(card.allocate(400 * MB))
+    assert near.peak_over_hard_limit and not clear.peak_over_hard_limit
+    assert [r.peak_over_hard_limit for r in monitor.recent_generations()] == [True, False]
+    assert monitor.counters().generations_peak_over_hard_limit == 1
+    assert monitor.snapshot().generations_peak_over_hard_limit == 1
+    registry = CollectorRegistry()
+    registry.register(VRAMCollector(monitor))
+    assert registry.get_sample_value("icn_vortex_vram_generations_peak_over_hard_limit_total",
+                                     {"device": "sim:0"}) == 1
+    console = Console(width=120, file=io.StringIO(), color_system=None)
+    console.print(status_view(monitor.snapshot().to_dict(), None, "u"))
+    assert "peaks over hard limit 1" in console.file.getvalue()
