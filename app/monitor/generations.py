@@ -166,6 +166,9 @@ class GenerationTracker:
         with self._lock:
             self._generations += 1
             self._last_finished_at = time.time()
+            # A Director that counts its slots this way tells of those that ran, and a slot
+            # that ran produced: without this, skips before it would leave it not producing.
+            self._lost_in_a_row = 0
             if allocated is None:
                 return None
             return self._observe_leak(allocated, allocated)

@@ -151,3 +151,19 @@ def test_a_slot_whose_peak_crossed_the_hard_limit_says_so(monitor, card):
     console = Console(width=120, file=io.StringIO(), color_system=None)
     console.print(status_view(monitor.snapshot().to_dict(), None, "u"))
     assert "peaks over hard limit 1" in console.file.getvalue()
+
+
+# ------------------------------------------------------------------ 11. counted slots produce
+
+
+def test_slots_counted_without_generation_end_a_run_of_skips(card):
+    monitor = VRAMMonitor(backend=card, not_producing_after=3)
+    monitor.preflight(1.0)
+    with monitor.track_model_load("flux"):
+        card.allocate(GB)
+    for slot in range(3):
+        monitor.skip_slot(slot, "no room")
+    assert monitor.readiness().reason == "not_producing"
+    monitor.increment_generation_count()  # a slot ran and produced, counted the card's way
+    assert monitor.liveness().lost_in_a_row == 0
+    assert monitor.readiness().ready
