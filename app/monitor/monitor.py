@@ -120,7 +120,8 @@ class VRAMMonitor(MonitorViews):
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
         self._faults = BackendFaults()
-        self._cleanups = CleanupRunner(self._backend, self.cleanup_cooldown_s)
+        self._cleanups = CleanupRunner(self._backend, self.cleanup_cooldown_s,
+                                       self.cleanup_wait_s)
         self._limits = LimitGuard(
             self._backend, basis=limit_basis, soft_limit_bytes=self.soft_limit_bytes,
             hard_limit_bytes=self.hard_limit_bytes,
@@ -297,9 +298,11 @@ class VRAMMonitor(MonitorViews):
         The allocator's peak register is global per device, so the monitor owns its resets:
         it resets it here and in ``stage()`` and folds what it read before each reset into
         the figures; nothing else in the process should call ``reset_peak_memory_stats``
-        while a generation runs. One generation at a time per monitor. An OOM escaping the
-        slot (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) becomes a
-        ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
+        while a generation runs. One generation at a time per monitor. A slot that starts
+        while a cleanup begun between slots runs waits for it, up to ``cleanup_wait_s``, before
+        its first read. An OOM escaping the slot (``torch.OutOfMemoryError``, or a
+        cuBLAS/cuDNN allocation failure) becomes a ``MemoryPressureError`` naming the slot and
+        stage, after an emergency cleanup.
         ``scale`` outside (0, 1] is a ``ValueError`` naming it.
         """
         scale = _share("scale", scale, zero=False)

@@ -55,10 +55,17 @@ class Scopes:
     @contextmanager
     def generation(self, slot: int | None, scale: float) -> Iterator[GenerationRecord]:
         """See ``VRAMMonitor.generation``."""
-        before = self.sample("generation")
-        before_bytes = before.allocated_bytes if before else None
-        record = self._tracker.begin(slot, before_bytes or 0, scale)
-        self._cleanups.enter_generation()
+        # First of all, so that not even the slot's first read runs beside empty_cache: wait
+        # for a cleanup begun between slots, and hold any other until this slot's boundaries.
+        registered = self._cleanups.enter_generation(slot)
+        try:
+            before = self.sample("generation")
+            before_bytes = before.allocated_bytes if before else None
+            record = self._tracker.begin(slot, before_bytes or 0, scale)
+        except BaseException:
+            if registered:
+                self._cleanups.leave_generation()
+            raise
         self.reset_peak()
         self._snapshots.log_periodic("pre_generation", slot)
         t0 = time.perf_counter()
