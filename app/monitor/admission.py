@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from app.monitor.placement import AllocatorModel, SlotVerdict
-from app.monitor.records import Admission, CleanupResult, Forecast
+from app.monitor.records import Admission, CleanupAttempt, Forecast
 from app.monitor.refusals import RefusalLog
 from app.units import fmt_gb, fmt_pct, gb_figures
 
@@ -153,7 +153,7 @@ class Admitter:
 
     def __init__(self, backend: MemoryBackend, model: AllocatorModel,
                  tracker: GenerationTracker, faults: BackendFaults,
-                 cleanup: Callable[[str, bool], CleanupResult | None], *,
+                 cleanup: Callable[[str, bool], CleanupAttempt], *,
                  basis_index: int, cleanup_enabled: bool) -> None:
         self._backend = backend
         self._model = model
@@ -188,7 +188,7 @@ class Admitter:
 
     def _after_cleanup(self, s: AllocatorSample, v: SlotVerdict, activation: int,
                        slot: int | None) -> SlotVerdict | Admission:
-        result = self._cleanup("admission", True)
+        result = self._cleanup("admission", True).result
         hard = self._model.hard_limit_bytes
         if result is not None:
             try:

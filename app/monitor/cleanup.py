@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from app.backends import AllocatorSample, MemoryBackend
 from app.errors import CleanupCooldownError
-from app.monitor.records import MB, CleanupResult, to_gb, utc_timestamp
+from app.monitor.records import MB, CleanupAttempt, CleanupResult, to_gb, utc_timestamp
 from app.units import fmt_gb, gb_figures
 
 logger = logging.getLogger(__name__)
@@ -142,21 +142,26 @@ class CleanupRunner:
         )
         return result
 
-    def automatic(self, reason: str, *, recovery: bool) -> CleanupResult | None:
+    def automatic(self, reason: str, *, recovery: bool) -> CleanupAttempt:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
         guard reports the pressure, and a failed cleanup must not mask it. Skipped in the very
-        state a cleanup already freed nothing in, and when the allocator cannot be read."""
+        state a cleanup already freed nothing in, and when the allocator cannot be read; the
+        attempt says which."""
         try:
-            if self.futile(self._backend.sample()):
-                logger.debug("automatic %s cleanup skipped: the last one freed nothing in "
-                             "this state", reason)
-                return None
-            return self.run(reason, cooldown=not recovery)
+            state = self._backend.sample()
+        except Exception:
+            return CleanupAttempt("unreadable")  # fails open, as every guard read
+        if self.futile(state):
+            logger.debug("automatic %s cleanup skipped: the last one freed nothing in "
+                         "this state", reason)
+            return CleanupAttempt("futile")
+        try:
+            return CleanupAttempt("ran", self.run(reason, cooldown=not recovery))
         except CleanupCooldownError as exc:
             logger.debug("automatic cleanup skipped: %s", exc)
+            return CleanupAttempt("cooling_down", retry_after_s=exc.retry_after_s)
         except Exception:
-            pass  # counted and logged (rate-limited) by run(); a failed read fails open
-        return None
+            return CleanupAttempt("failed")  # counted and logged (rate-limited) by run()
 
     def futile(self, s: AllocatorSample) -> bool:
         """Whether the last cleanup freed nothing and the allocator is still as it left it."""

@@ -44,6 +44,7 @@ from app.monitor.records import (
     GB,
     MB,
     Admission,
+    CleanupAttempt,
     CleanupResult,
     GenerationRecord,
     LeakFinding,
@@ -397,12 +398,12 @@ class VRAMMonitor(MonitorViews):
         wait = self.cleanup_wait_s if wait_s is None else wait_s
         return self._cleanups.request(reason, wait, stop)
 
-    def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupResult | None:
+    def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupAttempt:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
         guard reports the pressure, and a failed cleanup must not mask it. Nothing runs with
         ``emergency_cleanup`` off, nor in the very state a cleanup already freed nothing in."""
         if not self.emergency_cleanup_enabled:
-            return None
+            return CleanupAttempt("disabled")
         return self._cleanups.automatic(reason, recovery=recovery)
 
     # ------------------------------------------------------------------ snapshots

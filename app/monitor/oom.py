@@ -14,6 +14,7 @@ import logging
 
 from app.backends import MemoryBackend
 from app.errors import MemoryPressureError
+from app.monitor.records import CleanupAttempt
 
 logger = logging.getLogger("app.monitor.monitor")
 
@@ -22,16 +23,18 @@ def where(slot: int | None, stage: str | None) -> str:
     return f"slot {slot}" + (f", stage {stage}" if stage else "")
 
 
-def oom_error(oom: BaseException, place: str) -> MemoryPressureError:
+def oom_error(oom: BaseException, place: str,
+              cleanup: CleanupAttempt | None = None) -> MemoryPressureError:
     """The error the caller gets for an OOM ``place`` ("in slot 9, stage flux", "loading
     model flux (budget 6.000GB)"): the first line of the allocator's, in its own words and
     PyTorch's binary units (MiB, GiB: 2^20, 2^30 bytes), said as such, since every figure the
-    monitor writes itself is in decimal GB."""
+    monitor writes itself is in decimal GB; then what became of the ``cleanup`` after it."""
     text = str(oom)
     first_line = text.splitlines()[0] if text else type(oom).__name__
     units = " (the allocator's message, in binary MiB/GiB)" if "iB" in first_line else ""
-    return MemoryPressureError(f"CUDA out of memory {place}{units}: {first_line}",
-                               reason="oom")
+    after = "" if cleanup is None else f"; {cleanup.describe()}"
+    return MemoryPressureError(f"CUDA out of memory {place}{units}: {first_line}{after}",
+                               reason="oom", cleanup=cleanup)
 
 
 def write_post_mortem(backend: MemoryBackend, tag: str) -> None:

@@ -13,6 +13,7 @@ import orjson
 # Re-exported: the monitor's modules take the units from here.
 from app.units import GB as GB
 from app.units import MB as MB
+from app.units import fmt_gb
 from app.units import to_gb as to_gb
 
 BUDGET_SLACK_BYTES = 2 << 20
@@ -89,6 +90,41 @@ class CleanupResult:
 
 
 _CLEANUP_FIELDS = tuple(f.name for f in fields(CleanupResult))
+
+# CleanupAttempt.status -> what a message says of it
+_ATTEMPTS = {
+    "nothing_to_release": "cleanup skipped: the allocator cache held nothing to release",
+    "disabled": "cleanup skipped: emergency_cleanup is off",
+    "cooling_down": "cleanup skipped: cooling down, the next one in {retry}",
+    "futile": "cleanup skipped: the last one freed nothing in this very state",
+    "unreadable": "cleanup skipped: the allocator could not be read",
+    "failed": "cleanup failed (logged as cleanup_failed)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupAttempt:
+    """What became of the cleanup a guard attempted (the task card's "refuse, attempt
+    cleanup"). ``status``: ``ran`` (``result`` says what it freed), or why none ran:
+    ``nothing_to_release`` (the cache held nothing that ``empty_cache`` returns), ``disabled``
+    (``emergency_cleanup`` is off), ``cooling_down`` (within ``cleanup_cooldown_s`` of the
+    last of its kind: ``retry_after_s``), ``futile`` (the last cleanup freed nothing in this
+    very state), ``unreadable`` (the allocator could not be read) or ``failed`` (it raised)."""
+
+    status: str
+    result: CleanupResult | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def freed_bytes(self) -> int:
+        """Reserved bytes the cleanup returned; 0 when none ran."""
+        return 0 if self.result is None else self.result.freed_bytes
+
+    def describe(self) -> str:
+        """For a message: ``cleanup ran and freed 0.150GB``, ``cleanup skipped: ...``."""
+        if self.result is not None:
+            return f"cleanup ran and freed {fmt_gb(self.result.freed_bytes)}"
+        return _ATTEMPTS[self.status].format(retry=f"{self.retry_after_s or 0:.1f}s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
 from app.monitor.oom import oom_error, where, write_post_mortem
-from app.monitor.records import CleanupResult, GenerationRecord, LeakFinding
+from app.monitor.records import CleanupAttempt, GenerationRecord, LeakFinding
 from app.monitor.snapshots import SnapshotBuilder
 
 logger = logging.getLogger("app.monitor.monitor")
@@ -30,7 +30,7 @@ class Scopes:
     def __init__(self, backend: MemoryBackend, tracker: GenerationTracker,
                  cleanups: CleanupRunner, snapshots: SnapshotBuilder, faults: BackendFaults,
                  *, report_leak: Callable[[LeakFinding], None],
-                 cleanup: Callable[[str, bool], CleanupResult | None]) -> None:
+                 cleanup: Callable[[str, bool], CleanupAttempt]) -> None:
         self._backend = backend
         self._tracker = tracker
         self._cleanups = cleanups
@@ -96,8 +96,7 @@ class Scopes:
         cache returned; the error to raise in its place."""
         logger.error("CUDA out of memory %s escaped the guards; cleaning up", place)
         write_post_mortem(self._backend, tag)
-        self._cleanup("oom", True)
-        return oom_error(oom, place)
+        return oom_error(oom, place, self._cleanup("oom", True))
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
