@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from app.units import fmt_gb
 
 if TYPE_CHECKING:
-    from app.monitor.records import CleanupResult
+    from app.monitor.records import CleanupAttempt, CleanupResult
 
 
 class MemoryPressureWarning(UserWarning):
@@ -38,14 +38,20 @@ class MemoryPressureError(RuntimeError):
     ``reason`` says which guard raised it: ``"hard_limit"`` (usage above it),
     ``"allocation_refused"`` (a request that would cross it), ``"buffers"``
     (``validate_buffers``) or ``"oom"`` (an OOM that slipped past the guards). A refused
-    allocation carries ``projected_bytes``: the usage it would have reached.
+    allocation carries ``projected_bytes``: the usage it would have reached. ``cleanup`` (an
+    ``app.monitor.CleanupAttempt``, and the end of the message) says what became of the
+    cleanup attempted before the error: it ran and freed so much, or why none ran (nothing to
+    release, ``emergency_cleanup`` off, cooling down, ...); ``None`` where none is attempted
+    (``buffers``).
     """
 
     def __init__(self, message: str, reason: str = "hard_limit",
-                 projected_bytes: int | None = None) -> None:
+                 projected_bytes: int | None = None,
+                 cleanup: CleanupAttempt | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.projected_bytes = projected_bytes
+        self.cleanup = cleanup
 
 
 class VortexInitializationError(RuntimeError):

@@ -77,9 +77,14 @@ def as_loaded(build: Callable[[], M]) -> M:
     buffer given fresh storage of its final shape and dtype, one tensor at a time, under the
     captures in force, as ``init_empty_weights`` and ``load_state_dict(assign=True)`` do.
     Call it inside ``SimulatedBackend.capture()``; ``build`` should make the module on meta
-    (``with torch.device("meta"):``)."""
+    (``with torch.device("meta"):``). A module itself is refused (``TypeError``): built
+    already, it would be called as a forward pass."""
     from torch.utils._python_dispatch import _disable_current_modes
 
+    if isinstance(build, torch.nn.Module) or not callable(build):
+        raise TypeError(f"as_loaded() takes a callable that builds the module, not "
+                        f"{type(build).__name__}: pass as_loaded(lambda: MyModel()), with "
+                        "the module built inside it")
     with _disable_current_modes():
         module = build()
     return module.to_empty(device=_META)

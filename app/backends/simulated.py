@@ -57,7 +57,7 @@ from app.backends.base import (
 )
 
 if TYPE_CHECKING:
-    from app.backends.capture import Capture, _Charge
+    from app.backends.capture import AllocationTrace, Capture, _Charge
 
 _skip_frames_of(__file__)  # a block's first recorded frame is the code that called the card
 
@@ -365,10 +365,10 @@ class SimulatedBackend(CachingAllocator):
             if block is not None:
                 self._free_block(block)
 
-    def replay(self, events: Sequence[int], repeats: int = 1) -> None:
+    def replay(self, events: AllocationTrace | Sequence[int], repeats: int = 1) -> None:
         """Make a recorded forward pass's allocations and frees again, ``repeats`` times:
-        ``events`` as in ``AllocationTrace`` (``n >= 0`` allocates n bytes, ``~i`` frees
-        allocation i); what a run leaves live (its outputs) is freed at its end. The same as
+        ``events`` an ``AllocationTrace`` or its events (``n >= 0`` allocates n bytes, ``~i``
+        frees allocation i); what a run leaves live (its outputs) is freed at its end. The same as
         calling :meth:`allocate` and :meth:`free` for each event, in every figure the card
         reports, and faster: no handles, and a run that leaves the allocator exactly as it
         found it (the same free blocks, segments and levels) is not run again, since the
@@ -376,6 +376,10 @@ class SimulatedBackend(CachingAllocator):
         cumulative counts are added instead. Not with memory history recorded (its events
         are wanted) or under garbage collection (its clock moves). An OOM frees the run's
         live blocks, as an exception unwinding a forward pass would, and propagates."""
+        from app.backends.capture import AllocationTrace
+
+        if isinstance(events, AllocationTrace):
+            events = events.events
         if repeats < 0:
             raise ValueError(f"repeats must be >= 0, got {repeats}")
         done = 0

@@ -167,6 +167,8 @@ def counters(snap: Snapshot) -> RenderableType:
                _figure("leak warnings", snap.get("leak_warnings"), "yellow"),
                _figure("soft excursions", snap.get("soft_limit_violations"), "yellow"),
                _figure("hard violations", snap.get("hard_limit_violations"), "red"),
+               _figure("peaks over hard limit", snap.get("generations_peak_over_hard_limit"),
+                       "yellow"),
                _figure("allocator OOMs", snap.get("num_ooms"), "red"),
                _figure("alloc retries", snap.get("num_alloc_retries"), "yellow"),
                _figure("backend errors", snap.get("backend_errors"), "red")]

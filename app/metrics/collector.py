@@ -85,6 +85,9 @@ _COUNTERS = {
     "generations_failed": ("Generations that ended in an exception (OOMs included).",
                            "generations_failed"),
     "ooms_caught": ("CUDA OOMs that escaped the guards inside a generation.", "ooms_caught"),
+    "generations_peak_over_hard_limit": ("Generations whose allocated peak crossed the hard "
+                                         "limit, those that ended under it (near misses) "
+                                         "included.", "generations_peak_over_hard_limit"),
     "leak_warnings": ("Leak reports of the automatic detection.", "leak_warnings"),
     "backend_errors": ("Failed reads of the device by the monitor (the guards failed open).",
                        "backend_errors"),

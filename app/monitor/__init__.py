@@ -4,6 +4,7 @@ from app.monitor.admission import MIN_SCALE
 from app.monitor.monitor import VRAMMonitor
 from app.monitor.records import (
     Admission,
+    CleanupAttempt,
     CleanupResult,
     Forecast,
     GenerationRecord,
@@ -18,6 +19,7 @@ from app.monitor.records import (
 __all__ = [
     "MIN_SCALE",
     "Admission",
+    "CleanupAttempt",
     "CleanupResult",
     "Forecast",
     "GenerationRecord",

@@ -23,7 +23,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from app.monitor.placement import AllocatorModel, SlotVerdict
-from app.monitor.records import Admission, CleanupResult, Forecast
+from app.monitor.records import Admission, CleanupAttempt, Forecast
+from app.monitor.refusals import RefusalLog
 from app.units import fmt_gb, fmt_pct, gb_figures
 
 if TYPE_CHECKING:
@@ -147,11 +148,12 @@ class Admitter:
     """``VRAMMonitor.admit``: the decision, next to the forecast it is made from. Holds no
     state of its own: the forecast lives in the generation tracker, the verdict comes from
     the allocator model, a cleanup from the monitor's ``cleanup`` callable (which honours
-    ``emergency_cleanup``)."""
+    ``emergency_cleanup``), and the refusal log (refusals.py) keeps the log of a run of
+    refusals to a few lines."""
 
     def __init__(self, backend: MemoryBackend, model: AllocatorModel,
                  tracker: GenerationTracker, faults: BackendFaults,
-                 cleanup: Callable[[str, bool], CleanupResult | None], *,
+                 cleanup: Callable[[str, bool], CleanupAttempt], *,
                  basis_index: int, cleanup_enabled: bool) -> None:
         self._backend = backend
         self._model = model
@@ -160,6 +162,7 @@ class Admitter:
         self._cleanup = cleanup
         self._basis_index = basis_index
         self._cleanup_enabled = cleanup_enabled
+        self._refusals = RefusalLog(backend.device)
 
     def admit(self, slot: int | None) -> Admission:
         """See ``VRAMMonitor.admit``."""
@@ -185,7 +188,7 @@ class Admitter:
 
     def _after_cleanup(self, s: AllocatorSample, v: SlotVerdict, activation: int,
                        slot: int | None) -> SlotVerdict | Admission:
-        result = self._cleanup("admission", True)
+        result = self._cleanup("admission", True).result
         hard = self._model.hard_limit_bytes
         if result is not None:
             try:
@@ -212,10 +215,14 @@ class Admitter:
         scale = math.floor(min(v.scale, 0.99995) * 10_000) / 10_000  # never rounded up to 1
         return self._decided(Admission(
             "refuse", v.peak_bytes, hard - v.peak_bytes, scale,
-            refusal_reason(v, activation, hard, s), slot, activation))
+            refusal_reason(v, activation, hard, s), slot, activation), v.bound)
 
-    def _decided(self, a: Admission) -> Admission:
+    def _decided(self, a: Admission, bound: str = "") -> Admission:
         self._tracker.count_admission(a.decision)
+        if a.decision == "refuse":
+            self._refusals.refused(a, bound)
+            return a
+        self._refusals.admitted(a)
         level = logging.DEBUG if a.decision == "admit" else logging.INFO
         if logger.isEnabledFor(level):  # the record's fields are built only for a reader
             logger.log(level, "admission %s for slot %s: %s", a.decision, a.slot, a.reason,

@@ -22,7 +22,8 @@ the slot's kernels and allocations at a moment nobody chose. So while a generati
 requested cleanup is only *registered*; the generation thread carries it out at its next
 boundary (a guard call, a stage's start or end, the slot's end), where the slot's own work is
 between two steps anyway. With no generation running, or when asked from the generation
-thread itself, it runs at once.
+thread itself, it runs at once; a slot that starts meanwhile waits for it (up to ``wait_s``)
+before its first read, and from that first line on no cleanup starts beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 from app.backends import AllocatorSample, MemoryBackend
 from app.errors import CleanupCooldownError
-from app.monitor.records import MB, CleanupResult, to_gb, utc_timestamp
+from app.monitor.records import MB, CleanupAttempt, CleanupResult, to_gb, utc_timestamp
 from app.units import fmt_gb, gb_figures
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,10 @@ class CleanupRunner:
     a second lock only serialises the slow part (gc can take 100 ms), so nothing else ever
     waits on it."""
 
-    def __init__(self, backend: MemoryBackend, cooldown_s: float) -> None:
+    def __init__(self, backend: MemoryBackend, cooldown_s: float, wait_s: float = 10.0) -> None:
         self._backend = backend
         self.cooldown_s = cooldown_s
+        self.wait_s = wait_s  # how long a slot's start waits for a cleanup begun between slots
         self._lock = threading.Lock()
         self._running = threading.Lock()
         # Signalled when a cleanup started between slots ends: a slot waits for it to finish
@@ -140,21 +142,26 @@ class CleanupRunner:
         )
         return result
 
-    def automatic(self, reason: str, *, recovery: bool) -> CleanupResult | None:
+    def automatic(self, reason: str, *, recovery: bool) -> CleanupAttempt:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
         guard reports the pressure, and a failed cleanup must not mask it. Skipped in the very
-        state a cleanup already freed nothing in, and when the allocator cannot be read."""
+        state a cleanup already freed nothing in, and when the allocator cannot be read; the
+        attempt says which."""
         try:
-            if self.futile(self._backend.sample()):
-                logger.debug("automatic %s cleanup skipped: the last one freed nothing in "
-                             "this state", reason)
-                return None
-            return self.run(reason, cooldown=not recovery)
+            state = self._backend.sample()
+        except Exception:
+            return CleanupAttempt("unreadable")  # fails open, as every guard read
+        if self.futile(state):
+            logger.debug("automatic %s cleanup skipped: the last one freed nothing in "
+                         "this state", reason)
+            return CleanupAttempt("futile")
+        try:
+            return CleanupAttempt("ran", self.run(reason, cooldown=not recovery))
         except CleanupCooldownError as exc:
             logger.debug("automatic cleanup skipped: %s", exc)
+            return CleanupAttempt("cooling_down", retry_after_s=exc.retry_after_s)
         except Exception:
-            pass  # counted and logged (rate-limited) by run(); a failed read fails open
-        return None
+            return CleanupAttempt("failed")  # counted and logged (rate-limited) by run()
 
     def futile(self, s: AllocatorSample) -> bool:
         """Whether the last cleanup freed nothing and the allocator is still as it left it."""
@@ -247,12 +254,24 @@ class CleanupRunner:
                 return False
         return True
 
-    def enter_generation(self) -> None:
-        """A slot starts on this thread; a cleanup that began between slots finishes first."""
+    def enter_generation(self, slot: int | None = None) -> bool:
+        """A slot starts on this thread: a cleanup that began between slots finishes first
+        (waited for up to ``wait_s``: a stuck ``empty_cache`` must not stall the loop for good,
+        so past it the slot starts, with a WARNING), and from now on a cleanup asked for on
+        another thread waits for this thread's boundaries. False, registering nothing, when a
+        generation is registered already (the tracker refuses the second one)."""
         with self._lock:
-            while self._idle_cleanups:
-                self._idle_done.wait()
+            if self._generation_thread is not None:
+                return False
+            finished = self._idle_done.wait_for(lambda: not self._idle_cleanups, self.wait_s)
+            if self._generation_thread is not None:
+                return False
             self._generation_thread = threading.get_ident()
+        if not finished:
+            logger.warning("slot %s starts beside a cleanup begun between slots that still runs "
+                           "after %gs (cleanup_wait_s): empty_cache is stuck, or very slow",
+                           slot, self.wait_s)
+        return True
 
     def leave_generation(self) -> None:
         """The slot ended, however it ended: carry out what was asked for meanwhile."""

@@ -50,6 +50,8 @@ class GenerationTracker:
         self._activation_hist = Histogram(ACTIVATION_BOUNDS)
         self._delta_hist = Histogram(DELTA_BOUNDS)
         self._leak = LeakDetector(leak_window, leak_threshold_bytes, hard_limit_bytes)
+        self._hard_limit_bytes = hard_limit_bytes
+        self._peaks_over_hard_limit = 0
         self._trend: LeakTrend | None = None  # cached: a least-squares pass over the window
         self._post_generation_bytes: int | None = None
         self._loaded_in_slot = 0  # bytes models loaded (or unloaded) inside the running slot
@@ -144,6 +146,9 @@ class GenerationTracker:
                 record.allocated_after_bytes = allocated
                 record.delta_bytes = allocated - before_bytes
                 record.peak_bytes = max(self._peak_carry, peak)
+                record.peak_over_hard_limit = record.peak_bytes > self._hard_limit_bytes
+                if record.peak_over_hard_limit:
+                    self._peaks_over_hard_limit += 1
                 self._peak_hist.observe(record.peak_bytes)
                 self._activation_hist.observe(record.activation_peak_bytes)
                 self._delta_hist.observe(record.delta_bytes)
@@ -161,6 +166,9 @@ class GenerationTracker:
         with self._lock:
             self._generations += 1
             self._last_finished_at = time.time()
+            # A Director that counts its slots this way tells of those that ran, and a slot
+            # that ran produced: without this, skips before it would leave it not producing.
+            self._lost_in_a_row = 0
             if allocated is None:
                 return None
             return self._observe_leak(allocated, allocated)
@@ -227,10 +235,11 @@ class GenerationTracker:
         """Whether any generation has run (the leak baselines exist)."""
         return self._leak.first_level_bytes is not None
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(generations, failed, OOMs caught, leak warnings)."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(generations, failed, OOMs caught, leak warnings, peaks over the hard limit)."""
         with self._lock:
-            return self._generations, self._failed, self._ooms, self._leak_warnings
+            return (self._generations, self._failed, self._ooms, self._leak_warnings,
+                    self._peaks_over_hard_limit)
 
     def liveness(self, stall_after_s: float) -> Liveness:
         with self._lock:
@@ -253,7 +262,8 @@ class GenerationTracker:
             return TrackerSummary(
                 self._generations, self._failed, self._ooms, self._leak_warnings,
                 MappingProxyType(dict(self._outcomes)), MappingProxyType(dict(self._admissions)),
-                self._trend, self._liveness(stall_after_s), self._forecaster.forecast())
+                self._trend, self._liveness(stall_after_s), self._forecaster.forecast(),
+                self._peaks_over_hard_limit)
 
     def histograms(self) -> tuple[HistogramState, HistogramState, HistogramState]:
         """(peak, activation, delta) bytes of the generations so far."""

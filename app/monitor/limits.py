@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import threading
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from app.monitor.cleanup import CleanupRunner
 from app.monitor.events import warn_safely
 from app.monitor.faults import BackendFaults
 from app.monitor.placement import LIMIT_BASES, AllocatorModel, Verdict
-from app.monitor.records import CleanupResult, to_gb
+from app.monitor.records import CleanupAttempt, to_gb
 from app.units import fmt_gb, fmt_pct, gb_figures
 
 logger = logging.getLogger("app.monitor.monitor")
@@ -21,22 +22,38 @@ logger = logging.getLogger("app.monitor.monitor")
 _RESERVED = 1  # index of reserved_bytes in AllocatorSample; allocated_bytes is 0
 MAX_REQUEST_BYTES = 1 << 60  # c10's "Tried to allocate more than 1EB memory"
 
-# cleanup(reason, recovery) -> the cleanup's result, or None when it did not run
-Cleanup = Callable[[str, bool], CleanupResult | None]
+# cleanup(reason, recovery) -> what became of it: ran (with its result), or why not
+Cleanup = Callable[[str, bool], CleanupAttempt]
 
 
 def _ctx(context: str) -> str:
     return f" [{context}]" if context else ""
 
 
+def integral(value: object) -> int | None:
+    """``value`` as an int when it is an integral number, whatever its type (``int``, numpy's
+    integers, a 0-d integer tensor: what ``operator.index`` takes); else None. A bool is not a
+    byte count, though Python lets it pass for one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def request_size(value: object, name: str = "requested_bytes") -> int:
-    """A size in bytes as an int: integral numbers are taken, anything else is refused with
-    the argument's name (NaN, inf, fractions, strings, booleans)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of bytes, got {type(value).__name__}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{name} must be a whole, finite number of bytes, got {value!r}")
-    n = int(value)
+    """A size in bytes as an int: integral numbers (see ``integral``) and whole floats are
+    taken, anything else is refused with the argument's name (NaN, inf, fractions, strings,
+    booleans)."""
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{name} must be a whole, finite number of bytes, got {value!r}")
+        n = int(value)
+    else:
+        n = integral(value)
+        if n is None:
+            raise TypeError(f"{name} must be a number of bytes, got {type(value).__name__}")
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     if n >= MAX_REQUEST_BYTES:
@@ -147,11 +164,12 @@ class LimitGuard:
         v = self._model.request(s, requested_bytes, quick_failed=True)
         if v.ok and not v.cleanup:
             return v.projected_bytes
+        attempt = None
         if v.ok:  # fits once the cache is released (reserved basis): a recovery
-            after = self._recover(v, context)
+            after, attempt = self._recover(v, context)
             if after is not None:
                 return after
-        return self._refuse(s, requested_bytes, v, context)
+        return self._refuse(s, requested_bytes, v, context, attempt)
 
     def fit(self, requested_bytes: int, context: str, min_fraction: float) -> tuple[int, int]:
         """See ``VRAMMonitor.fit_allocation``: (bytes to allocate, and when that is less than
@@ -170,12 +188,20 @@ class LimitGuard:
         if self._quick(s, requested_bytes) >= 0:
             return requested_bytes, 0
         v = self._model.request(s, requested_bytes, quick_failed=True)
-        if v.ok and (not v.cleanup or self._recover(v, context) is not None):
-            return requested_bytes, 0
+        attempt = None
+        if v.ok:
+            if not v.cleanup:
+                return requested_bytes, 0
+            after, attempt = self._recover(v, context)
+            if after is not None:
+                return requested_bytes, 0
         fitted, fv = self._model.fit(s, requested_bytes, v.cache)
-        if fitted <= 0 or fitted < min_fraction * requested_bytes \
-                or (fv.cleanup and self._recover(fv, context) is None):
-            self._refuse(s, requested_bytes, v, context)  # raises
+        if fitted <= 0 or fitted < min_fraction * requested_bytes:
+            self._refuse(s, requested_bytes, v, context, attempt)  # raises
+        if fv.cleanup:
+            after, attempt = self._recover(fv, context)
+            if after is None:
+                self._refuse(s, requested_bytes, v, context, attempt)  # raises
         if logger.isEnabledFor(logging.INFO):  # the record is built only for a reader
             got, asked = gb_figures(fitted, requested_bytes)
             logger.info("allocation%s shrunk to fit: %s of the %s asked for (%s) %s",
@@ -187,25 +213,37 @@ class LimitGuard:
                                "device": self._device})
         return fitted, s.allocated_bytes + requested_bytes
 
-    def _recover(self, v: Verdict, context: str) -> int | None:
-        """Release the cache because the model says that this makes the request fit; the
-        projected usage after it, or None when the cleanup did not run or did not make room."""
-        if self._cleanup is None:
-            return None
-        result = self._cleanup("hard_limit", True)
+    def _recover(self, v: Verdict, context: str) -> tuple[int | None, CleanupAttempt]:
+        """Release the cache because the model says that this makes the request fit: (the
+        projected usage after it, or None when the cleanup did not run or did not make room;
+        what became of the cleanup)."""
+        attempt = self._attempt_cleanup(v.cache, recovery=True)
+        result = attempt.result
         if result is None:
-            return None
+            return None, attempt
         try:
             after = self._sample()
         except Exception as exc:
             self._faults.failed("check_allocation", exc)
-            return None
+            return None, attempt
         v2 = self._model.request(after, v.cache.request_bytes if v.cache else 0)
         if not v2.ok or v2.cleanup:
-            return None
+            return None, attempt
         logger.info("allocation%s fits after releasing %s of cache: %s", _ctx(context),
                     fmt_gb(result.freed_bytes), fmt_gb(v2.projected_bytes))
-        return v2.projected_bytes
+        return v2.projected_bytes, attempt
+
+    def _attempt_cleanup(self, cache: CacheState | None, *, recovery: bool) -> CleanupAttempt:
+        """The card's "attempt cleanup" on the hard-limit path, run only where the cache holds
+        something to return: one that frees 0 B costs the loop a gc pass (~100 ms) for
+        nothing. A recovery (it makes room) ignores the clock."""
+        if self._cleanup is None:
+            return CleanupAttempt("disabled")
+        if cache is None:
+            return CleanupAttempt("unreadable")
+        if cache.releasable_bytes <= 0:
+            return CleanupAttempt("nothing_to_release")
+        return self._cleanup("hard_limit", recovery)
 
     def cache(self) -> CacheState | None:
         """The cache now, for a cleanup decision; None when it cannot be read."""
@@ -223,31 +261,33 @@ class LimitGuard:
             # Issued before any hard-limit error, so an excursion counted is one warned of.
             msg = self._log_crossing("soft", usage, context, logging.WARNING)
             warn_safely(MemoryPressureWarning(msg), enabled=self._python_warnings)
-        # A cleanup runs only when the model says it returns something: one that frees 0 B
-        # costs the loop a gc pass (~100 ms) for nothing.
         cache = self.cache() if self._cleanup is not None else None
-        useful = cache is not None and cache.releasable_bytes > 0
         if not hard:
-            if useful:
+            # Only when the model says it returns something (see _attempt_cleanup).
+            if cache is not None and cache.releasable_bytes > 0:
                 self._cleanup("soft_limit", False)
             return
         msg = self._log_crossing("hard", usage, context, logging.ERROR)
-        if not useful:
-            raise MemoryPressureError(msg, reason="hard_limit")
         # On the reserved basis a cleanup that returns enough is a recovery (it always runs);
         # any other is the card's "emergency cleanup", on the hard-limit clock.
-        recoverable = self._basis == _RESERVED and (
+        recoverable = cache is not None and self._basis == _RESERVED and (
             s.reserved_bytes - cache.releasable_bytes <= self.hard_limit_bytes)
-        result = self._cleanup("hard_limit", recoverable)
+        attempt = self._attempt_cleanup(cache, recovery=recoverable)
+        result = attempt.result
         if recoverable and result is not None and (
                 result.reserved_after_bytes <= self.hard_limit_bytes):
             after, hard_limit = gb_figures(result.reserved_after_bytes, self.hard_limit_bytes)
             logger.warning("VRAM back under the hard limit after cleanup%s: %s (hard_limit=%s)",
                            _ctx(context), after, hard_limit)
             return
-        raise MemoryPressureError(msg, reason="hard_limit")
+        raise MemoryPressureError(f"{msg}; {attempt.describe()}", reason="hard_limit",
+                                  cleanup=attempt)
 
-    def _refuse(self, s: AllocatorSample, requested: int, v: Verdict, context: str) -> int:
+    def _refuse(self, s: AllocatorSample, requested: int, v: Verdict, context: str,
+                attempt: CleanupAttempt | None = None) -> int:
+        """Refuse the request, after the card's emergency cleanup (on the hard-limit clock:
+        it returns the cache to the device) unless ``attempt`` already made one; the error
+        and its log line say what became of it."""
         with self._lock:
             self.hard_violations += 1
         usage = s[self._basis]
@@ -262,20 +302,20 @@ class LimitGuard:
             )
         else:
             msg = f"Allocation refused{_ctx(context)}: {_unplaceable(requested, v)}"
+        if attempt is None:
+            cache = None if self._cleanup is None else (
+                v.cache if v.cache is not None else self.cache())
+            attempt = self._attempt_cleanup(cache, recovery=False)
+        msg = f"{msg}; {attempt.describe()}"
         if logger.isEnabledFor(logging.ERROR):
             logger.error(msg, extra={
                 "vram_event": "allocation_refused", "context": context,
                 "current_usage_gb": to_gb(usage), "requested_gb": to_gb(requested),
                 "hard_limit_gb": to_gb(self.hard_limit_bytes), "placeable": v.placeable,
+                "cleanup": attempt.status, "cleanup_freed_gb": to_gb(attempt.freed_bytes),
                 "device": self._device})
-        if self._cleanup is not None:
-            # The card's "emergency cleanup is triggered", on the hard-limit clock: it returns
-            # the cache to the device, and runs only when there is some to return.
-            cache = v.cache if v.cache is not None else self.cache()
-            if cache is not None and cache.releasable_bytes > 0:
-                self._cleanup("hard_limit", False)
         raise MemoryPressureError(msg, reason="allocation_refused",
-                                  projected_bytes=s.allocated_bytes + requested)
+                                  projected_bytes=s.allocated_bytes + requested, cleanup=attempt)
 
     def _log_crossing(self, which: str, usage: int, context: str, level: int) -> str:
         limit = self.soft_limit_bytes if which == "soft" else self.hard_limit_bytes

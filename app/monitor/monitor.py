@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from app.backends import MemoryBackend, default_backend
+from app.backends import MemoryBackend, default_backend, is_oom_error
 from app.monitor.admission import Admitter, Forecaster
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults, RateLimit
@@ -42,17 +44,19 @@ from app.monitor.records import (
     GB,
     MB,
     Admission,
+    CleanupAttempt,
     CleanupResult,
     GenerationRecord,
     LeakFinding,
     PreflightResult,
     VRAMSnapshot,
 )
-from app.monitor.registry import ModelRegistry
+from app.monitor.registry import ModelRegistry, budget_bytes
 from app.monitor.scopes import Scopes
 from app.monitor.snapshots import SnapshotBuilder
 from app.monitor.views import MonitorViews
 from app.options import check_options, number
+from app.units import fmt_gb
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -117,7 +121,8 @@ class VRAMMonitor(MonitorViews):
 
         self._backend: MemoryBackend = backend if backend is not None else default_backend()
         self._faults = BackendFaults()
-        self._cleanups = CleanupRunner(self._backend, self.cleanup_cooldown_s)
+        self._cleanups = CleanupRunner(self._backend, self.cleanup_cooldown_s,
+                                       self.cleanup_wait_s)
         self._limits = LimitGuard(
             self._backend, basis=limit_basis, soft_limit_bytes=self.soft_limit_bytes,
             hard_limit_bytes=self.hard_limit_bytes,
@@ -183,9 +188,10 @@ class VRAMMonitor(MonitorViews):
         Returns the projected usage in bytes, from the allocator model (placement.py): on
         the reserved basis a request that reuses a cached block adds nothing and a new
         segment adds its size, and a request that fits once the cache is released is not
-        refused: the cache is released first. ``requested_bytes`` is a whole number of bytes
-        (``ValueError``/``TypeError`` otherwise). Fails open like ``check_limits`` (returns
-        ``None``) when the backend cannot be read.
+        refused: the cache is released first. ``requested_bytes`` is a whole number of bytes:
+        an integral number of any type (``int``, ``numpy.int64``, ...) or a whole float
+        (``ValueError``/``TypeError`` otherwise, a bool included). Fails open like
+        ``check_limits`` (returns ``None``) when the backend cannot be read.
         """
         return self._limits.check_allocation(requested_bytes, context)
 
@@ -198,10 +204,9 @@ class VRAMMonitor(MonitorViews):
         work (fewer frames, a lower resolution) keeps the slot, degraded, instead of losing
         it; the running generation's outcome becomes ``degraded``, and the forecast learns
         the size it wanted. Costs what ``check_allocation`` costs when the request fits.
+        ``min_fraction`` outside [0, 1] is a ``ValueError`` naming it.
         """
-        fraction = _number("min_fraction", min_fraction, at_least=0)
-        if fraction > 1:
-            raise ValueError(f"min_fraction={min_fraction!r} must be in [0, 1]")
+        fraction = _share("min_fraction", min_fraction, zero=True)
         nbytes, wanted = self._limits.fit(requested_bytes, context, fraction)
         if wanted:
             self._tracker.note_fitted(wanted)
@@ -226,14 +231,28 @@ class VRAMMonitor(MonitorViews):
         """Register ``name`` with the allocated bytes its loading adds.
 
         Load one model at a time inside it: anything else allocated meanwhile counts too.
-        Nothing is registered if loading raises. A name already registered is refused
+        Nothing is registered if loading raises. A load that runs out of memory
+        (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) raises
+        ``MemoryPressureError`` (``reason="oom"``) naming the model and its budget, once what
+        it placed is dropped and an emergency cleanup has returned the cache; inside a
+        generation that slot counts as out of memory. A name already registered is refused
         (``ValueError``) unless ``replace``. A model loaded once generations have run moves
         the automatic leak baselines by what it added: a deliberate load is not a leak, whether
         it happens between slots or lazily inside one.
         """
-        with self._registry.track_load(name, budget_gb, replace=replace,
-                                       read=self._allocated_now) as added:
-            yield
+        try:
+            with self._registry.track_load(name, budget_gb, replace=replace,
+                                           read=self._allocated_now) as added:
+                yield
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            # Drop the frames' locals so the tensors the failed load made can be freed.
+            traceback.clear_frames(exc.__traceback__)
+            budget = budget_bytes(budget_gb)
+            place = f"loading model {name}" + (
+                "" if budget is None else f" (budget {fmt_gb(budget)})")
+            raise self._scopes.escaped_oom(exc, place, f"load-{name}") from exc
         self._tracker.rebase_leak(added[0])
 
     def _allocated_now(self) -> int | None:
@@ -280,13 +299,14 @@ class VRAMMonitor(MonitorViews):
         The allocator's peak register is global per device, so the monitor owns its resets:
         it resets it here and in ``stage()`` and folds what it read before each reset into
         the figures; nothing else in the process should call ``reset_peak_memory_stats``
-        while a generation runs. One generation at a time per monitor. An OOM escaping the
-        slot (``torch.OutOfMemoryError``, or a cuBLAS/cuDNN allocation failure) becomes a
-        ``MemoryPressureError`` naming the slot and stage, after an emergency cleanup.
+        while a generation runs. One generation at a time per monitor. A slot that starts
+        while a cleanup begun between slots runs waits for it, up to ``cleanup_wait_s``, before
+        its first read. An OOM escaping the slot (``torch.OutOfMemoryError``, or a
+        cuBLAS/cuDNN allocation failure) becomes a ``MemoryPressureError`` naming the slot and
+        stage, after an emergency cleanup.
+        ``scale`` outside (0, 1] is a ``ValueError`` naming it.
         """
-        scale = _number("scale", scale, above=0)
-        if scale > 1:
-            raise ValueError(f"scale={scale!r} must be in (0, 1]")
+        scale = _share("scale", scale, zero=False)
         return self._scopes.generation(slot, scale)
 
     def stage(self, name: str) -> AbstractContextManager[None]:
@@ -378,12 +398,12 @@ class VRAMMonitor(MonitorViews):
         wait = self.cleanup_wait_s if wait_s is None else wait_s
         return self._cleanups.request(reason, wait, stop)
 
-    def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupResult | None:
+    def _auto_cleanup(self, reason: str, recovery: bool) -> CleanupAttempt:
         """A cleanup the monitor decided on; a recovery ignores the clock. Never raises: the
         guard reports the pressure, and a failed cleanup must not mask it. Nothing runs with
         ``emergency_cleanup`` off, nor in the very state a cleanup already freed nothing in."""
         if not self.emergency_cleanup_enabled:
-            return None
+            return CleanupAttempt("disabled")
         return self._cleanups.automatic(reason, recovery=recovery)
 
     # ------------------------------------------------------------------ snapshots
@@ -402,6 +422,16 @@ class VRAMMonitor(MonitorViews):
         if take is None:
             raise TypeError(f"{type(self._backend).__name__} gives no allocator snapshot")
         return take()
+
+
+def _share(name: str, value: Any, *, zero: bool) -> float:
+    """A share of a whole, in [0, 1] (``zero``) or (0, 1], as a float; else a plain
+    ``ValueError`` naming the argument, whatever is wrong with it (type, NaN, range)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            0 <= value <= 1 if zero else 0 < value <= 1):
+        raise ValueError(f"{name}={value!r} must be in {'[0, 1]' if zero else '(0, 1]'}")
+    return float(value)
+
 
 def _number(name: str, value: Any, *, above: float | None = None,
             at_least: float | None = None) -> float:

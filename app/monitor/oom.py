@@ -2,9 +2,10 @@
 
 ``generation()`` turns ``torch.OutOfMemoryError`` (and cuBLAS/cuDNN allocation failures, see
 ``app.backends.is_oom_error``) into ``MemoryPressureError(reason="oom")`` naming the slot and
-the stage, so a Director handles one exception for "this slot did not fit"; before its
-cleanup runs, the allocator history is written (CUDA with ``VORTEX_MEMORY_HISTORY``) so the
-post-mortem shows the memory as the OOM saw it.
+the stage, so a Director handles one exception for "this slot did not fit";
+``track_model_load`` does the same for a model that does not fit, naming it and its budget.
+Before the cleanup runs, the allocator history is written (CUDA with
+``VORTEX_MEMORY_HISTORY``) so the post-mortem shows the memory as the OOM saw it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 
 from app.backends import MemoryBackend
 from app.errors import MemoryPressureError
+from app.monitor.records import CleanupAttempt
 
 logger = logging.getLogger("app.monitor.monitor")
 
@@ -21,15 +23,18 @@ def where(slot: int | None, stage: str | None) -> str:
     return f"slot {slot}" + (f", stage {stage}" if stage else "")
 
 
-def oom_error(oom: BaseException, slot: int | None, stage: str | None) -> MemoryPressureError:
-    """The error the slot's caller gets for an OOM: the first line of the allocator's, in its
-    own words and PyTorch's binary units (MiB, GiB: 2^20, 2^30 bytes), said as such, since
-    every figure the monitor writes itself is in decimal GB."""
+def oom_error(oom: BaseException, place: str,
+              cleanup: CleanupAttempt | None = None) -> MemoryPressureError:
+    """The error the caller gets for an OOM ``place`` ("in slot 9, stage flux", "loading
+    model flux (budget 6.000GB)"): the first line of the allocator's, in its own words and
+    PyTorch's binary units (MiB, GiB: 2^20, 2^30 bytes), said as such, since every figure the
+    monitor writes itself is in decimal GB; then what became of the ``cleanup`` after it."""
     text = str(oom)
     first_line = text.splitlines()[0] if text else type(oom).__name__
     units = " (the allocator's message, in binary MiB/GiB)" if "iB" in first_line else ""
-    return MemoryPressureError(f"CUDA out of memory in {where(slot, stage)}{units}: {first_line}",
-                               reason="oom")
+    after = "" if cleanup is None else f"; {cleanup.describe()}"
+    return MemoryPressureError(f"CUDA out of memory {place}{units}: {first_line}{after}",
+                               reason="oom", cleanup=cleanup)
 
 
 def write_post_mortem(backend: MemoryBackend, tag: str) -> None:

@@ -13,6 +13,7 @@ import orjson
 # Re-exported: the monitor's modules take the units from here.
 from app.units import GB as GB
 from app.units import MB as MB
+from app.units import fmt_gb
 from app.units import to_gb as to_gb
 
 BUDGET_SLACK_BYTES = 2 << 20
@@ -90,6 +91,41 @@ class CleanupResult:
 
 _CLEANUP_FIELDS = tuple(f.name for f in fields(CleanupResult))
 
+# CleanupAttempt.status -> what a message says of it
+_ATTEMPTS = {
+    "nothing_to_release": "cleanup skipped: the allocator cache held nothing to release",
+    "disabled": "cleanup skipped: emergency_cleanup is off",
+    "cooling_down": "cleanup skipped: cooling down, the next one in {retry}",
+    "futile": "cleanup skipped: the last one freed nothing in this very state",
+    "unreadable": "cleanup skipped: the allocator could not be read",
+    "failed": "cleanup failed (logged as cleanup_failed)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupAttempt:
+    """What became of the cleanup a guard attempted (the task card's "refuse, attempt
+    cleanup"). ``status``: ``ran`` (``result`` says what it freed), or why none ran:
+    ``nothing_to_release`` (the cache held nothing that ``empty_cache`` returns), ``disabled``
+    (``emergency_cleanup`` is off), ``cooling_down`` (within ``cleanup_cooldown_s`` of the
+    last of its kind: ``retry_after_s``), ``futile`` (the last cleanup freed nothing in this
+    very state), ``unreadable`` (the allocator could not be read) or ``failed`` (it raised)."""
+
+    status: str
+    result: CleanupResult | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def freed_bytes(self) -> int:
+        """Reserved bytes the cleanup returned; 0 when none ran."""
+        return 0 if self.result is None else self.result.freed_bytes
+
+    def describe(self) -> str:
+        """For a message: ``cleanup ran and freed 0.150GB``, ``cleanup skipped: ...``."""
+        if self.result is not None:
+            return f"cleanup ran and freed {fmt_gb(self.result.freed_bytes)}"
+        return _ATTEMPTS[self.status].format(retry=f"{self.retry_after_s or 0:.1f}s")
+
 
 @dataclass(frozen=True, slots=True)
 class PreflightResult:
@@ -104,6 +140,14 @@ class GenerationRecord:
 
     The generation loop owns it while the slot runs; the monitor fills in the ``*_after``
     figures, ``delta_bytes`` and ``peak_bytes`` on exit and never touches it again.
+
+    ``peak_bytes`` and ``stage_peaks_bytes`` (each stage's peak, by name) are absolute
+    allocated bytes, the resident models included: not the rise above the level before the
+    slot or the stage (``activation_peak_bytes`` is the slot's rise).
+    ``peak_over_hard_limit``: the peak crossed the hard limit, wherever the slot ended (a near
+    miss, which ``check_limits`` after the slot does not see; the monitor counts them). It is
+    read from the allocated peak on either limit basis, so on ``reserved`` a slot whose cache
+    alone crossed the limit is not flagged.
     """
 
     slot: int | None
@@ -111,7 +155,7 @@ class GenerationRecord:
     allocated_after_bytes: int = 0
     delta_bytes: int = 0
     peak_bytes: int = 0
-    stage_peaks_bytes: dict[str, int] = field(default_factory=dict)
+    stage_peaks_bytes: dict[str, int] = field(default_factory=dict)  # absolute, models in
     duration_s: float = 0.0
     status: str = "running"  # then "ok", "failed" or "oom"
     failed_stage: str | None = None
@@ -119,6 +163,7 @@ class GenerationRecord:
     scale: float = 1.0  # the share of its full-size activations the slot ran at
     wanted_peak_bytes: int = 0  # the peak a refused or shrunk allocation would have reached
     fitted: bool = False  # an allocation was shrunk to fit (fit_allocation)
+    peak_over_hard_limit: bool = False
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -191,6 +236,7 @@ class TrackerSummary:
     trend: LeakTrend
     liveness: Liveness
     forecast: Forecast
+    peaks_over_hard_limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +251,7 @@ class MonitorCounters:
     leak_warnings: int
     backend_errors: int  # failed reads of the device by the monitor: the guards were blind
     cleanup_failures: int
+    generations_peak_over_hard_limit: int  # near misses included: see GenerationRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +298,7 @@ class VRAMSnapshot:
     post_generation_allocated_bytes: int | None
     generations_failed: int
     ooms_caught: int
+    generations_peak_over_hard_limit: int  # slots whose peak crossed it, ended over it or not
     backend_errors: int
     cleanup_failures: int
     slot_outcomes: Mapping[str, int]  # full, degraded, skipped, aborted

@@ -11,6 +11,7 @@ import torch
 
 from app.backends import MemoryBackend
 from app.errors import MemoryPressureError
+from app.monitor.limits import integral
 from app.monitor.modules import module_bytes
 from app.monitor.records import GB, ModelRecord
 from app.units import fmt_gb, gb_figures
@@ -114,18 +115,21 @@ class ModelRegistry:
     def validate_buffers(self, buffers: Mapping[str, int], usage_bytes: int,
                          hard_limit_bytes: int) -> int:
         """See ``VRAMMonitor.validate_buffers``; ``usage_bytes`` is on the limit basis."""
-        for name, nbytes in buffers.items():
-            if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        sizes = {}
+        for name, value in buffers.items():
+            nbytes = integral(value)
+            if nbytes is None or nbytes < 0:
                 raise ValueError(
-                    f"buffer {name!r} must be a non-negative int of bytes, got {nbytes!r}")
+                    f"buffer {name!r} must be a non-negative int of bytes, got {value!r}")
+            sizes[name] = nbytes
         resident = max(usage_bytes, self.total_bytes())
         running, misfits = resident, []
-        for name, nbytes in buffers.items():
+        for name, nbytes in sizes.items():
             running += nbytes
             if running > hard_limit_bytes:
                 misfits.append(f"{name} ({fmt_gb(nbytes)})")
         if misfits:
-            total = sum(buffers.values())
+            total = sum(sizes.values())
             hard, models, headroom, wanted = gb_figures(
                 hard_limit_bytes, resident, hard_limit_bytes - resident, total)
             raise MemoryPressureError(

@@ -3,7 +3,7 @@
 They read the allocator at a scope's start and end, reset its peak register (the monitor
 owns it: it is global per device) and hand the figures to the generation tracker; their
 boundaries are where a cleanup another thread asked for runs (see cleanup.py). An OOM that
-escapes a slot becomes ``MemoryPressureError`` (oom.py).
+escapes a slot, or a model load (``escaped_oom``), becomes ``MemoryPressureError`` (oom.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from app.backends import AllocatorSample, MemoryBackend, is_oom_error
+from app.errors import MemoryPressureError
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.generations import GenerationTracker
 from app.monitor.oom import oom_error, where, write_post_mortem
-from app.monitor.records import CleanupResult, GenerationRecord, LeakFinding
+from app.monitor.records import CleanupAttempt, GenerationRecord, LeakFinding
 from app.monitor.snapshots import SnapshotBuilder
 
 logger = logging.getLogger("app.monitor.monitor")
@@ -29,7 +30,7 @@ class Scopes:
     def __init__(self, backend: MemoryBackend, tracker: GenerationTracker,
                  cleanups: CleanupRunner, snapshots: SnapshotBuilder, faults: BackendFaults,
                  *, report_leak: Callable[[LeakFinding], None],
-                 cleanup: Callable[[str, bool], CleanupResult | None]) -> None:
+                 cleanup: Callable[[str, bool], CleanupAttempt]) -> None:
         self._backend = backend
         self._tracker = tracker
         self._cleanups = cleanups
@@ -54,16 +55,28 @@ class Scopes:
     @contextmanager
     def generation(self, slot: int | None, scale: float) -> Iterator[GenerationRecord]:
         """See ``VRAMMonitor.generation``."""
-        before = self.sample("generation")
-        before_bytes = before.allocated_bytes if before else None
-        record = self._tracker.begin(slot, before_bytes or 0, scale)
-        self._cleanups.enter_generation()
+        # First of all, so that not even the slot's first read runs beside empty_cache: wait
+        # for a cleanup begun between slots, and hold any other until this slot's boundaries.
+        registered = self._cleanups.enter_generation(slot)
+        try:
+            before = self.sample("generation")
+            before_bytes = before.allocated_bytes if before else None
+            record = self._tracker.begin(slot, before_bytes or 0, scale)
+        except BaseException:
+            if registered:
+                self._cleanups.leave_generation()
+            raise
         self.reset_peak()
         self._snapshots.log_periodic("pre_generation", slot)
         t0 = time.perf_counter()
         try:
             yield record
         except BaseException as exc:
+            if isinstance(exc, MemoryPressureError) and exc.reason == "oom":
+                # A model loaded inside the slot did not fit: track_model_load said so and
+                # cleaned up; the slot ran out of memory all the same.
+                self._finish(record, before_bytes, t0, "oom")
+                raise
             if not (isinstance(exc, Exception) and is_oom_error(exc)):
                 self._finish(record, before_bytes, t0, "failed")
                 raise
@@ -74,11 +87,16 @@ class Scopes:
             self._finish(record, before_bytes, t0, "ok")
             return
         self._finish(record, before_bytes, t0, "oom")
-        logger.error("CUDA out of memory in %s escaped the guards; cleaning up",
-                     where(slot, record.failed_stage))
-        write_post_mortem(self._backend, f"slot{slot}")  # the history as the OOM saw it
-        self._cleanup("oom", True)
-        raise oom_error(oom, slot, record.failed_stage) from oom
+        raise self.escaped_oom(oom, "in " + where(slot, record.failed_stage),
+                               f"slot{slot}") from oom
+
+    def escaped_oom(self, oom: BaseException, place: str, tag: str) -> MemoryPressureError:
+        """An OOM that escaped the guards ``place``, its frames already cleared (so what it
+        held can die): logged, the post-mortem written (the history as the OOM saw it), the
+        cache returned; the error to raise in its place."""
+        logger.error("CUDA out of memory %s escaped the guards; cleaning up", place)
+        write_post_mortem(self._backend, tag)
+        return oom_error(oom, place, self._cleanup("oom", True))
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -165,3 +165,112 @@ def test_requests_racing_slot_ends_are_never_lost(card):
         gen.join(10)
     assert all(a is not None for a in answers)
     assert monitor.counters().emergency_cleanups == len(card.cleanup_threads) <= 40
+
+
+# ---------------------------------------------------- issue 25 (9): a cleanup begun between slots
+
+
+class SlowCleanupCard(ThreadRecordingCard):
+    """``empty_cache`` holds until ``release``; notes each read or allocation the generation
+    thread makes while one runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cleaning, self.release = threading.Event(), threading.Event()
+        self.beside: list[str] = []
+
+    def empty_cache(self) -> None:
+        self.cleaning.set()
+        try:
+            assert self.release.wait(10)
+            super().empty_cache()
+        finally:
+            self.cleaning.clear()
+
+    def _note(self, what: str) -> None:
+        if threading.current_thread().name == "generation" and self.cleaning.is_set():
+            self.beside.append(what)
+
+    def sample(self):
+        self._note("sample")
+        return super().sample()
+
+    def allocate(self, nbytes: int) -> int:
+        self._note("allocate")
+        return super().allocate(nbytes)
+
+
+def _idle_cleanup(monitor: VRAMMonitor, card: SlowCleanupCard) -> threading.Thread:
+    """A POST /vram/cleanup between slots, caught inside its empty_cache."""
+    card.free(card.allocate(50 << 20))
+    http = threading.Thread(target=monitor.request_cleanup, args=("http",), name="http",
+                            daemon=True)
+    http.start()
+    assert card.cleaning.wait(10)
+    return http
+
+
+def test_a_slot_starting_during_an_idle_cleanup_waits_for_it_from_its_first_read():
+    card = SlowCleanupCard()
+    monitor = VRAMMonitor(backend=card)
+    http = _idle_cleanup(monitor, card)
+    gen = GenerationThread(monitor, body=lambda: card.free(card.allocate(1 << 20)))
+    gen.start()
+    assert not gen.inside.wait(0.2)  # held at its start while empty_cache runs
+    card.release.set()
+    assert gen.inside.wait(10)
+    gen.release.set()
+    gen.join(10)
+    http.join(10)
+    assert card.beside == []  # not even the slot's first read ran beside empty_cache
+    assert gen.error is None and card.cleanup_threads == ["http"]
+
+
+class HeldReadCard(ThreadRecordingCard):
+    """The generation thread's first read holds until ``release``: a slot caught at its very
+    start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading, self.release = threading.Event(), threading.Event()
+
+    def sample(self):
+        if threading.current_thread().name == "generation" and not self.reading.is_set():
+            self.reading.set()
+            assert self.release.wait(10)
+        return super().sample()
+
+
+def test_no_idle_cleanup_starts_once_a_slot_has_started():
+    card = HeldReadCard()
+    monitor = VRAMMonitor(backend=card)
+    gen = GenerationThread(monitor)
+    gen.start()
+    assert card.reading.wait(10)  # the slot has started: its first read is under way
+    try:
+        assert monitor.request_cleanup("http", wait_s=0) is None  # scheduled, not run here
+        assert card.cleanup_threads == []
+    finally:
+        card.release.set()
+        assert gen.inside.wait(10)
+        gen.release.set()
+        gen.join(10)
+    assert card.cleanup_threads == ["generation"]  # at the slot's end, on its thread
+
+
+def test_a_slot_waits_for_an_idle_cleanup_no_longer_than_cleanup_wait_s(caplog):
+    card = SlowCleanupCard()
+    monitor = VRAMMonitor(backend=card, cleanup_wait_s=0.05)
+    http = _idle_cleanup(monitor, card)
+    gen = GenerationThread(monitor)
+    try:
+        gen.start()
+        assert gen.inside.wait(10)  # empty_cache is stuck: the slot starts after the bound
+        assert card.cleaning.is_set()
+    finally:
+        card.release.set()
+        gen.release.set()
+        gen.join(10)
+        http.join(10)
+    assert any("cleanup_wait_s" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)

@@ -90,7 +90,8 @@ def test_a_refusal_at_the_hard_limit_prints_distinct_figures(card):
         monitor.check_allocation(300 * MB + 512, "warp")
     msg = str(err.value)
     assert msg == ("Allocation refused [warp]: current_usage=11200000000B, "
-                   "requested=300000512B, hard_limit=11500000000B (would reach 11500000768B)")
+                   "requested=300000512B, hard_limit=11500000000B (would reach 11500000768B); "
+                   "cleanup skipped: the allocator cache held nothing to release")
 
 
 def test_a_leak_report_names_its_change_delta_and_prints_no_zero():
@@ -145,11 +146,11 @@ def test_the_cooldown_message_says_gb_as_the_cli():
 
 
 def test_the_oom_text_keeps_the_allocator_s_units_and_says_so():
-    err = oom_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore"), 3,
-                    "flux")
+    err = oom_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore"),
+                    "in slot 3, stage flux")
     assert str(err) == ("CUDA out of memory in slot 3, stage flux (the allocator's message, in "
                         "binary MiB/GiB): CUDA out of memory. Tried to allocate 2.00 GiB.")
-    assert str(oom_error(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), 3, None)) == (
+    assert str(oom_error(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"), "in slot 3")) == (
         "CUDA out of memory in slot 3: CUBLAS_STATUS_ALLOC_FAILED")
 
 

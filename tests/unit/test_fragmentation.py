@@ -122,7 +122,7 @@ def test_a_cleanup_that_freed_nothing_is_not_repeated_in_the_same_state():
     card = SimulatedBackend(12 * GB)
     monitor = VRAMMonitor(backend=card, cleanup_cooldown_s=0)
     assert monitor.emergency_cleanup() == 0  # frees nothing: the state is noted
-    assert monitor._auto_cleanup("admission", True) is None
+    assert monitor._auto_cleanup("admission", True).status == "futile"
     card.free(card.allocate(100 * MB))
     assert monitor._auto_cleanup("admission", True).freed_bytes > 0  # the state moved
 

@@ -155,7 +155,8 @@ def test_budget_flags(monitor, card):
 
 
 def test_failed_load_registers_nothing(monitor, card):
-    with pytest.raises(torch.OutOfMemoryError), monitor.track_model_load("huge"):
+    with pytest.raises(MemoryPressureError, match="loading model huge"), \
+            monitor.track_model_load("huge"):
         card.allocate(13 * GB)
     assert monitor.models() == []
 

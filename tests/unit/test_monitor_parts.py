@@ -12,7 +12,7 @@ from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
 from app.monitor.leak import LeakDetector
 from app.monitor.limits import LimitGuard
-from app.monitor.records import ModelRecord
+from app.monitor.records import CleanupAttempt, ModelRecord
 from app.monitor.registry import ModelRegistry
 from tests.conftest import GB, MB, allocate_exact
 
@@ -88,7 +88,7 @@ def _guard(card, basis="allocated", cleanups=None):
 
     def cleanup(reason, recovery):
         (cleanups if cleanups is not None else []).append((reason, recovery))
-        return runner.run(reason, cooldown=not recovery)
+        return CleanupAttempt("ran", runner.run(reason, cooldown=not recovery))
 
     return LimitGuard(card, basis=basis, soft_limit_bytes=11 * GB, hard_limit_bytes=int(11.5 * GB),
                       rearm_bytes=int(10.9 * GB), cleanup=cleanup, pending_cleanups=runner,

@@ -203,8 +203,8 @@ class MonitorMachine(RuleBasedStateMachine):
         try:
             with self.monitor.track_model_load(name):
                 self.models[name] = self.card.allocate(nbytes)
-        except torch.OutOfMemoryError:
-            pass
+        except MemoryPressureError as exc:  # a model that does not fit
+            assert exc.reason == "oom" and name not in self.monitor.get_vram_breakdown()
 
     @precondition(lambda self: bool(self.models))
     @rule(data=st.data())
