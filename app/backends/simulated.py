@@ -375,11 +375,14 @@ class SimulatedBackend(CachingAllocator):
         allocator is deterministic and every later run would make the same moves: their
         cumulative counts are added instead. Not with memory history recorded (its events
         are wanted) or under garbage collection (its clock moves). An OOM frees the run's
-        live blocks, as an exception unwinding a forward pass would, and propagates."""
+        live blocks, as an exception unwinding a forward pass would, and propagates; except
+        for a trace's ``optional`` allocations (a convolution's workspace), which a run that
+        cannot place goes on without, as cuDNN does (the allocator counted the OOM)."""
         from app.backends.capture import AllocationTrace
 
+        optional: frozenset[int] = frozenset()
         if isinstance(events, AllocationTrace):
-            events = events.events
+            events, optional = events.events, events.optional
         if repeats < 0:
             raise ValueError(f"repeats must be >= 0, got {repeats}")
         done = 0
@@ -392,7 +395,7 @@ class SimulatedBackend(CachingAllocator):
                     and self._settings.garbage_collection_threshold > 0.0))
                 before = self._layout() if skip and done else None
                 sums = self._sums() if before is not None else None
-            self._replay_once(events)
+            self._replay_once(events, optional)
             done += 1
             if before is None:
                 continue
@@ -401,15 +404,21 @@ class SimulatedBackend(CachingAllocator):
                     self._add_sums(sums, repeats - done)
                     return
 
-    def _replay_once(self, events: Sequence[int]) -> None:
+    def _replay_once(self, events: Sequence[int], optional: frozenset[int] = frozenset()
+                     ) -> None:
         lock, malloc, free_block = self._lock, self._malloc, self._free_block
         blocks: list[_Block | None] = []
         append = blocks.append
         try:
             for event in events:
                 if event > 0:
-                    with lock:
-                        append(malloc(event))
+                    try:
+                        with lock:
+                            append(malloc(event))
+                    except OutOfMemoryError:
+                        if len(blocks) not in optional:
+                            raise
+                        append(None)  # gone without: its free is a no-op
                 elif event == 0:
                     append(None)
                 else:

@@ -84,5 +84,5 @@ class ModelsDevice(SimulatedDevice):
         if self._per_call:
             replay(trace, self.backend.allocate, self.backend.free, repeats)
         else:
-            self.backend.replay(trace.events, repeats)
+            self.backend.replay(trace, repeats)
         yield

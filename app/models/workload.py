@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.backends.base import OutOfMemoryError
 from app.backends.capture import AllocationTrace
 from app.backends.simulated import SimulatedBackend
 
@@ -217,17 +218,21 @@ def replay(trace: AllocationTrace, allocate: Callable[[int], int],
     """Make ``trace``'s allocations and frees through ``allocate``/``free`` (a card's),
     ``repeats`` times; what a run left live (its outputs) is freed at its end. When an
     allocation raises (an OOM), everything the replay holds is freed first, as a forward
-    pass's tensors are when its exception unwinds."""
+    pass's tensors are when its exception unwinds; an ``optional`` one (a convolution's
+    workspace) is gone without instead, as cuDNN does."""
     for _ in range(repeats):
-        handles: list[int] = []
         live: dict[int, int] = {}
+        index = 0
         try:
             for event in trace.events:
                 if event >= 0:
-                    handle = allocate(event)
-                    live[len(handles)] = handle
-                    handles.append(handle)
-                else:
+                    try:
+                        live[index] = allocate(event)
+                    except OutOfMemoryError:
+                        if index not in trace.optional:
+                            raise
+                    index += 1
+                elif ~event in live:
                     free(live.pop(~event))
         finally:
             for handle in live.values():

@@ -84,14 +84,16 @@ SAME_AS_TORCH = [
     "expandable_segments:yes", "roundup_power2_divisions:3", "max_split_size_mb:40 , "
     "expandable_segments:True",
     # what std::stoull / std::stod and the unchecked separators let through, or not
-    "max_split_size_mb,30", "max_split_size_mb:30:expandable_segments:True", "max_split_size_mb:+30",
-    "max_split_size_mb:-30", "max_split_size_mb:30abc", "max_split_size_mb:0x20",
+    "max_split_size_mb,30", "max_split_size_mb:30:expandable_segments:True",
+    "max_split_size_mb:+30", "max_split_size_mb:-30", "max_split_size_mb:30abc",
+    "max_split_size_mb:0x20",
     "max_split_size_mb:99999999999999999999", "garbage_collection_threshold:0x0.8p0",
     "garbage_collection_threshold:nan", "garbage_collection_threshold:1e-320",
     "large_segment_size_mb:64,max_split_size_mb:40", "large_segment_size_mb:10",
     "large_segment_size_mb:11", "max_split_size_mb:40,large_segment_size_mb:64",
     "roundup_power2_divisions:[>:2,64:8]", "roundup_power2_divisions:[64:8",
-    "roundup_power2_divisions:[]", "pinned_max_cached_size_mb:-1", "pinned_max_round_threshold_mb:x",
+    "roundup_power2_divisions:[]", "pinned_max_cached_size_mb:-1",
+    "pinned_max_round_threshold_mb:x",
     "expandable_segments:True,", "expandable_segments:True,,", "expandable_segments\t:True",
 ]
 
@@ -113,7 +115,7 @@ def _torch_accepts(text: str) -> bool:
 @pytest.mark.parametrize("text", SAME_AS_TORCH)
 def test_the_parser_agrees_with_torchs(text):
     """The CPU build has no CUDA hook: it skips unknown keys, as ``cuda=False`` does."""
-    state, error = torch_config.parse(text, cuda=False)
+    _, error = torch_config.parse(text, cuda=False)
     assert (error is None) == _torch_accepts(text), error
 
 

@@ -20,7 +20,7 @@ from app import CudaBackend, SimulatedBackend, VRAMMonitor
 from app.backends.alloc_conf import SMALL_SIZE
 from app.errors import MemoryPressureError
 from app.monitor.placement import AllocatorModel
-from tests.cuda_harness import GB, MiB, CardAsCuda, fragmented_walk, places
+from tests.cuda_harness import GB, CardAsCuda, MiB, fragmented_walk, places
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_stale_view_does_not_let_an_oom_through(card_and_cuda):
     """The bad moment itself: a view shows a 1 GB hole; the hole is taken and the device
     filled; the old backend said the 1 GB request fits (from the view, less than a second
     old) and the allocator ran out of memory."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
     big = card.allocate(GB)
     card.allocate(2 * MiB * 10)  # something after it, so the hole stays a hole
     card.free(big)
@@ -113,7 +113,7 @@ def test_the_guards_refuse_on_cuda_what_the_card_cannot_place(card_and_cuda):
 def test_only_this_device_stream_and_default_pool_count_as_reusable(card_and_cuda, monkeypatch):
     """Why 2: ``_snapshot()`` lists every device's segments; a block of another device, of
     another stream or of a CUDA graph's pool is never handed to this device's request."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
     hole = card.allocate(GB)
     card.allocate(10_300 * 10**6)  # after it, and the device nearly full
     card.free(hole)  # a 1 GB cached block, in a segment of its own
@@ -142,7 +142,7 @@ def test_settings_follow_torch_at_run_time(card_and_cuda):
     """Why 3: read once in __init__, the settings missed
     ``torch._C._accelerator_setAllocatorSettings``; now each use reads torch's text, and a
     new text applies on top of the last, as in torch (expandable_segments persists)."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
     backend = CudaBackend(0)
     assert not backend.allocator_settings.expandable_segments
     card.set_allocator_settings("expandable_segments:True,max_split_size_mb:64")
@@ -158,7 +158,7 @@ def test_settings_follow_torch_at_run_time(card_and_cuda):
 def test_the_keys_torch_213_added_are_not_dropped(card_and_cuda):
     """Why 3: ``large_segment_size_mb`` (or ``throw_on_cudamalloc_oom``) made the old parser
     fail, and CudaBackend fell back to the defaults, dropping expandable_segments too."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
     card.set_allocator_settings("expandable_segments:True,throw_on_cudamalloc_oom:True,"
                                 "large_segment_size_mb:32")
     st = CudaBackend(0).allocator_settings
@@ -177,7 +177,8 @@ def expandable_with_a_free_tail(card: SimulatedBackend) -> int:
 def test_a_request_may_grow_an_expandable_free_tail(monkeypatch):
     """Why 4: the model counted only whole new pages against the room and refused a request
     that the allocator places by mapping the pages a free tail lacks."""
-    card = SimulatedBackend(12 * GB, context_bytes=400 * 10**6, alloc_conf="expandable_segments:True")
+    card = SimulatedBackend(12 * GB, context_bytes=400 * 10**6,
+                            alloc_conf="expandable_segments:True")
     cuda = CardAsCuda(card, monkeypatch)
     backend = CudaBackend(0)  # sees the segment before anything is unmapped: knows its start
     backend.cache_view()
@@ -229,7 +230,7 @@ def test_with_expandable_segments_turned_off_their_blocks_are_not_reused(monkeyp
 def test_an_allocator_oom_drops_the_view_and_is_counted(card_and_cuda):
     """The observer torch calls before it raises an OOM (even one the caller catches, as
     cuDNN does for a workspace) drops the view and counts the event."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
     backend = CudaBackend(0)
     backend.cache_view()
     assert backend._view is not None
@@ -262,7 +263,7 @@ def test_a_reset_of_the_accumulated_stats_does_not_bring_an_old_view_back(card_a
     ``reset_accumulated_memory_stats`` they start again from 0, and the same counts come back
     over another layout (issue 25's review). Now the levels are in the key, and a count seen
     going back moves an epoch."""
-    card, cuda = card_and_cuda
+    card, _ = card_and_cuda
 
     def old_key(stats: dict) -> tuple[int, ...]:
         a, seg = stats["allocation"]["all"], stats["segment"]["all"]

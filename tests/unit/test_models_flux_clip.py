@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_leaves
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from app.models import clip, flux
 from app.backends.kernels.attention import flash_attention
+from app.models import clip, flux
 from app.models.quant import Linear4bit, parameter_count, quantize_linears
 
 FLASH = "aten._scaled_dot_product_flash_attention.default"

@@ -1,4 +1,5 @@
-"""app.backends.kernels.rnn: meta RNN calls return what the un-routed meta forward returns (shapes, dtypes)
+"""app.backends.kernels.rnn: meta RNN calls return what the un-routed meta forward returns
+(shapes, dtypes)
 while allocating what cuDNN's ``_cudnn_rnn`` allocates on the card: a handful of storages a call,
 not a few per time step, and a workspace that is gone when the call returns."""
 
