@@ -24,15 +24,16 @@ What it assumes:
   that ``parameters()``/``buffers()`` do not list. Built on meta they exist from the build; a
   real ``KModel(...).to("cuda")`` moves only parameters and buffers, so on the card they appear
   at the first forward and stay.
-* the LSTMs (the text encoder's, the predictor's DurationEncoder, ``lstm`` and ``shared``, all one-
-  layer bidirectional, hidden 256; ``shared`` runs over the alignment frames, the others over the
-  tokens, packed or not): on meta ``nn.LSTM`` has no fused kernel and PyTorch decomposes it per time
-  step, thousands of storages a call and most of the forward's time, where the card runs one cuDNN
-  call. :func:`speak` runs under :func:`app.backends.kernels.rnn.cudnn_rnn`, so each LSTM makes what
-  ``_cudnn_rnn`` makes on the card instead: the output, ``h_n``, ``c_n``, the input copy cuDNN makes
-  of a transposed input, and a transient workspace whose size is an upper-bound estimate (cuDNN does
-  not publish its formula; see that module). The weights are taken to be one cuDNN weight space, as
-  ``flatten_parameters()`` makes them when the model is moved to CUDA.
+* the LSTMs (the text encoder's, the predictor's DurationEncoder, ``lstm`` and ``shared``, all
+  one-layer bidirectional, hidden 256; ``shared`` runs over the alignment frames, the others over
+  the tokens, packed or not): on meta ``nn.LSTM`` has no fused kernel and PyTorch decomposes it
+  per time step, thousands of storages a call and most of the forward's time, where the card runs
+  one cuDNN call. :func:`speak` runs under :func:`app.backends.kernels.rnn.cudnn_rnn`, so each
+  LSTM makes what ``_cudnn_rnn`` makes on the card instead: the output, ``h_n``, ``c_n``, the
+  input copy cuDNN makes of a transposed input, and a transient workspace whose size is an
+  upper-bound estimate (cuDNN does not publish its formula; see that module). The weights are
+  taken to be one cuDNN weight space, as ``flatten_parameters()`` makes them when the model is
+  moved to CUDA.
 * audio timing, from the networks: one alignment frame is 600 samples at 24 kHz (the predictor's
   F0/N and the decoder's last block upsample 2x, the generator 10x6, the iSTFT hop is 5), so
   40 frames/s. Text is ``PHONEMES_PER_SECOND`` phonemes a second (conversational English is
