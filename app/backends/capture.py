@@ -247,16 +247,17 @@ class Capture(TorchDispatchMode):
         nbytes = convolution.workspace_bytes(x, w, out)
         if nbytes <= 0:
             return
+        index = self._allocations
+        self._allocations += 1
+        if self._events is not None:
+            # recorded whether it fits here or not: a replay elsewhere tries it again
+            self._optional.add(index)
+            self._events.extend((nbytes, ~index))
         try:
             handle = self._card.allocate(nbytes)
         except OutOfMemoryError:
             self.absorbed_ooms += 1
             return
-        index = self._allocations
-        self._allocations += 1
-        if self._events is not None:
-            self._optional.add(index)
-            self._events.extend((nbytes, ~index))
         self._card.free(handle)
 
     def _charge(self, storage: torch.UntypedStorage, key: int, nbytes: int) -> None:

@@ -169,7 +169,9 @@ def counters(snap: Snapshot) -> RenderableType:
                _figure("hard violations", snap.get("hard_limit_violations"), "red"),
                _figure("peaks over hard limit", snap.get("generations_peak_over_hard_limit"),
                        "yellow"),
-               _figure("allocator OOMs", snap.get("num_ooms"), "red"),
+               # the allocator's own count: a kernel's retried OOMs are in it, no failure
+               _figure("allocator OOMs", snap.get("num_ooms"), "yellow"),
+               _figure("OOMs retried", snap.get("ooms_absorbed"), ""),
                _figure("alloc retries", snap.get("num_alloc_retries"), "yellow"),
                _figure("backend errors", snap.get("backend_errors"), "red")]
     upkeep = [_figure("cleanups", snap.get("emergency_cleanups"), ""),

@@ -88,6 +88,10 @@ _COUNTERS = {
     "generations_peak_over_hard_limit": ("Generations whose allocated peak crossed the hard "
                                          "limit, those that ended under it (near misses) "
                                          "included.", "generations_peak_over_hard_limit"),
+    "ooms_absorbed": ("Allocator OOMs inside a generation that did not end it: a kernel "
+                      "caught them and went on (cuDNN tries its next plan when a workspace "
+                      "does not fit). Not failures; a slot ran slower at worst.",
+                      "ooms_absorbed"),
     "leak_warnings": ("Leak reports of the automatic detection.", "leak_warnings"),
     "backend_errors": ("Failed reads of the device by the monitor (the guards failed open).",
                        "backend_errors"),
@@ -96,7 +100,9 @@ _COUNTERS = {
 _ALLOCATOR_COUNTERS = {
     "alloc_retries": ("Allocator retries after freeing its cache (num_alloc_retries).",
                       "num_alloc_retries"),
-    "allocator_ooms": ("OOMs the allocator raised (num_ooms).", "num_ooms"),
+    "allocator_ooms": ("OOMs the allocator raised (num_ooms), those a kernel caught and retried "
+                       "included: not failures by themselves (ooms_caught counts the slots "
+                       "they ended, ooms_absorbed those retried).", "num_ooms"),
 }
 _HISTOGRAMS = {
     "generation_peak_bytes": ("peak", "Highest allocated bytes during each generation."),

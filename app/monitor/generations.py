@@ -52,6 +52,7 @@ class GenerationTracker:
         self._leak = LeakDetector(leak_window, leak_threshold_bytes, hard_limit_bytes)
         self._hard_limit_bytes = hard_limit_bytes
         self._peaks_over_hard_limit = 0
+        self._ooms_absorbed = 0
         self._trend: LeakTrend | None = None  # cached: a least-squares pass over the window
         self._post_generation_bytes: int | None = None
         self._loaded_in_slot = 0  # bytes models loaded (or unloaded) inside the running slot
@@ -122,12 +123,15 @@ class GenerationTracker:
         after: tuple[int, int] | None,  # (allocated, allocator peak) after the slot
         status: str,
         duration_s: float,
+        ooms_absorbed: int = 0,
     ) -> LeakFinding | None:
         """Close the slot; a slot without both readings is counted but measured as nothing."""
         finding = None
         with self._lock:
             record.duration_s = duration_s
             record.status = status
+            record.ooms_absorbed = ooms_absorbed
+            self._ooms_absorbed += ooms_absorbed
             record.measured = before_bytes is not None and after is not None
             self._active = None
             self._active_since = None
@@ -235,11 +239,12 @@ class GenerationTracker:
         """Whether any generation has run (the leak baselines exist)."""
         return self._leak.first_level_bytes is not None
 
-    def counts(self) -> tuple[int, int, int, int, int]:
-        """(generations, failed, OOMs caught, leak warnings, peaks over the hard limit)."""
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """(generations, failed, OOMs caught, leak warnings, peaks over the hard limit, OOMs
+        absorbed)."""
         with self._lock:
             return (self._generations, self._failed, self._ooms, self._leak_warnings,
-                    self._peaks_over_hard_limit)
+                    self._peaks_over_hard_limit, self._ooms_absorbed)
 
     def liveness(self, stall_after_s: float) -> Liveness:
         with self._lock:
@@ -263,7 +268,7 @@ class GenerationTracker:
                 self._generations, self._failed, self._ooms, self._leak_warnings,
                 MappingProxyType(dict(self._outcomes)), MappingProxyType(dict(self._admissions)),
                 self._trend, self._liveness(stall_after_s), self._forecaster.forecast(),
-                self._peaks_over_hard_limit)
+                self._peaks_over_hard_limit, self._ooms_absorbed)
 
     def histograms(self) -> tuple[HistogramState, HistogramState, HistogramState]:
         """(peak, activation, delta) bytes of the generations so far."""

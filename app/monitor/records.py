@@ -164,6 +164,9 @@ class GenerationRecord:
     wanted_peak_bytes: int = 0  # the peak a refused or shrunk allocation would have reached
     fitted: bool = False  # an allocation was shrunk to fit (fit_allocation)
     peak_over_hard_limit: bool = False
+    # Allocator OOMs inside the slot that did not end it: a kernel caught them and went on
+    # (cuDNN's next plan when a workspace does not fit). Not a failure; slower at worst.
+    ooms_absorbed: int = 0
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -237,6 +240,7 @@ class TrackerSummary:
     liveness: Liveness
     forecast: Forecast
     peaks_over_hard_limit: int
+    ooms_absorbed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +256,7 @@ class MonitorCounters:
     backend_errors: int  # failed reads of the device by the monitor: the guards were blind
     cleanup_failures: int
     generations_peak_over_hard_limit: int  # near misses included: see GenerationRecord
+    ooms_absorbed: int  # allocator OOMs a kernel caught and retried inside a slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +304,7 @@ class VRAMSnapshot:
     generations_failed: int
     ooms_caught: int
     generations_peak_over_hard_limit: int  # slots whose peak crossed it, ended over it or not
+    ooms_absorbed: int  # allocator OOMs a kernel caught and retried inside a slot: no failure
     backend_errors: int
     cleanup_failures: int
     slot_outcomes: Mapping[str, int]  # full, degraded, skipped, aborted

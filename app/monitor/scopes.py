@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from app.backends import AllocatorSample, MemoryBackend, is_oom_error
+from app.backends import AllocatorSample, MemoryBackend, OutOfMemoryError, is_oom_error
 from app.errors import MemoryPressureError
 from app.monitor.cleanup import CleanupRunner
 from app.monitor.faults import BackendFaults
@@ -59,6 +59,7 @@ class Scopes:
         # for a cleanup begun between slots, and hold any other until this slot's boundaries.
         registered = self._cleanups.enter_generation(slot)
         try:
+            oom_events = self._oom_events()
             before = self.sample("generation")
             before_bytes = before.allocated_bytes if before else None
             record = self._tracker.begin(slot, before_bytes or 0, scale)
@@ -75,18 +76,20 @@ class Scopes:
             if isinstance(exc, MemoryPressureError) and exc.reason == "oom":
                 # A model loaded inside the slot did not fit: track_model_load said so and
                 # cleaned up; the slot ran out of memory all the same.
-                self._finish(record, before_bytes, t0, "oom")
+                self._finish(record, before_bytes, t0, "oom", oom_events, visible=1)
                 raise
             if not (isinstance(exc, Exception) and is_oom_error(exc)):
-                self._finish(record, before_bytes, t0, "failed")
+                self._finish(record, before_bytes, t0, "failed", oom_events)
                 raise
             # Drop the frames' locals so the tensors the failed slot held can be freed.
             traceback.clear_frames(exc.__traceback__)
             oom = exc
         else:
-            self._finish(record, before_bytes, t0, "ok")
+            self._finish(record, before_bytes, t0, "ok", oom_events)
             return
-        self._finish(record, before_bytes, t0, "oom")
+        # an OOM from the caching allocator is one of its events; cuBLAS's or cuDNN's own is not
+        self._finish(record, before_bytes, t0, "oom", oom_events,
+                     visible=int(isinstance(oom, OutOfMemoryError)))
         raise self.escaped_oom(oom, "in " + where(slot, record.failed_stage),
                                f"slot{slot}") from oom
 
@@ -121,14 +124,27 @@ class Scopes:
         s = self.sample("stage")
         return s.peak_allocated_bytes if s else 0
 
+    def _oom_events(self) -> int | None:
+        """The allocator's OOMs so far, caught or not (None: the backend cannot tell)."""
+        count = getattr(self._backend, "allocator_oom_events", None)
+        try:
+            return None if count is None else int(count())
+        except Exception as exc:
+            self._faults.failed("allocator_oom_events", exc)
+            return None
+
     def _finish(self, record: GenerationRecord, before_bytes: int | None, t0: float,
-                status: str) -> None:
+                status: str, oom_events: int | None, visible: int = 0) -> None:
         try:
             after = self.sample("generation")
+            now = self._oom_events() if oom_events is not None else None
+            # What the allocator raised inside the slot, less the one that ended it (if it
+            # did): OOMs a kernel caught and retried, not failures.
+            absorbed = 0 if now is None else max(0, now - oom_events - visible)
             finding = self._tracker.finish(
                 record, before_bytes,
                 None if after is None else (after.allocated_bytes, after.peak_allocated_bytes),
-                status, time.perf_counter() - t0,
+                status, time.perf_counter() - t0, absorbed,
             )
             self._snapshots.log_periodic("post_generation", record.slot)
             if finding is not None:

@@ -95,6 +95,7 @@ class SnapshotBuilder:
             post_generation_allocated_bytes=live.post_generation_allocated_bytes,
             generations_failed=slots.failed, ooms_caught=slots.ooms,
             generations_peak_over_hard_limit=slots.peaks_over_hard_limit,
+            ooms_absorbed=slots.ooms_absorbed,
             backend_errors=self._faults.count, cleanup_failures=cleanup_failures,
             slot_outcomes=slots.outcomes, admissions=slots.admissions, running_slot=live.slot,
             running_s=round(live.running_s, 3), stalled=live.stalled,

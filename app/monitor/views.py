@@ -89,11 +89,12 @@ class MonitorViews:
 
     def counters(self) -> MonitorCounters:
         """Every counter at one moment: violations, cleanups, generations, OOMs, leaks, faults."""
-        generations, failed, ooms, leaks, over_hard = self._tracker.counts()
+        generations, failed, ooms, leaks, over_hard, absorbed = self._tracker.counts()
         cleanups, freed, cleanup_failures = self._cleanups.totals()
         return MonitorCounters(
             self._limits.soft_violations, self._limits.hard_violations, cleanups, freed,
-            generations, failed, ooms, leaks, self._faults.count, cleanup_failures, over_hard)
+            generations, failed, ooms, leaks, self._faults.count, cleanup_failures, over_hard,
+            absorbed)
 
     def cleanups_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
         """(cleanups run, cleanups failed), each by reason."""
