@@ -7,8 +7,8 @@
 Four modules (issue 23), each built once per side from the same code: CLIP ViT-L/14's text
 tower (fp16, 77 tokens) and vision tower (fp16, 224²) from app.models.clip; four Flux-like
 joint-attention blocks (bf16, 4,096 image and 512 text tokens, hidden 3072, 24 heads of 128);
-and a VAE-decoder-like stack of convolutions (bf16, 16×128² → 3×1024²: Flux's decoder
-shape, GroupNorm, SiLU, nearest upsampling, 1×1 shortcuts, no attention). Each is measured as
+and a VAE-decoder-like stack of convolutions (bf16, 16x128² → 3x1024²: Flux's decoder
+shape, GroupNorm, SiLU, nearest upsampling, 1x1 shortcuts, no attention). Each is measured as
 the peak of allocated bytes above what was allocated before its forward, its inputs made
 first, after one warm-up forward (cuDNN's plan and cuBLAS's workspace exist by then, as in a
 Director's slots). The card's side runs with the card's kernels (the default) and without
@@ -54,7 +54,7 @@ class JointBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n_img, dim = img.shape
+        b, _, dim = img.shape
         qkv = torch.cat([self.qkv_txt(self.norm(txt)), self.qkv_img(self.norm(img))], dim=1)
         q, k, v = qkv.view(b, -1, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, dim)
@@ -90,7 +90,7 @@ class Resnet(nn.Module):
 
 
 class DecoderConvs(nn.Module):
-    """Flux's VAE decoder shape without its attention: 16×128² latents to 3×1024²."""
+    """Flux's VAE decoder shape without its attention: 16x128² latents to 3x1024²."""
 
     def __init__(self) -> None:
         super().__init__()

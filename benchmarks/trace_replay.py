@@ -37,7 +37,17 @@ on with the same live tensors as the recording instead of holding them until the
 
 Replay file: ``oom_steps`` and, under ``samples``, one column per ``AllocatorSample`` field
 (``allocated_bytes``, ``reserved_bytes``, ``inactive_split_bytes``, ``num_alloc_retries``,
-``num_ooms``) with the value after each step.
+``num_ooms``) with the value after each step, and ``segment_addresses``: where each new
+segment went, in order.
+
+Where the cards part (issue 23: the real-model trace on an H200 differed in allocated bytes by
+up to 4,354,048 at step 134,681, in inactive split by up to 552 MB): best fit breaks ties
+between cached blocks of one size by address, and cudaMalloc, not the allocator, picks a new
+segment's address. The simulated card puts each new segment above every other; the driver
+does not. A replay on the simulated card given the CUDA replay's addresses
+(``replay --simulate --addresses replay-cuda.json``) takes CUDA's ties, and from there the
+same choices: allocated and inactive split identical step by step (the CPU shows it with
+the addresses of a card that places segments at random: tests/integration/test_trace_replay.py).
 """
 
 from __future__ import annotations
@@ -157,12 +167,6 @@ class TraceRecorder(SimulatedBackend):
         self.trace.add(EMPTY_CACHE)
 
 
-def simulated_card(card_bytes: int) -> SimulatedBackend:
-    """What the capped CUDA allocator may reserve, as a simulated card (no context bytes:
-    the per-process fraction does not count the CUDA context)."""
-    return SimulatedBackend(card_bytes, device="sim:trace")
-
-
 def record(workload: dict[str, Any], card_bytes: int) -> Trace:
     """Run the stress test's own workload (``vram_stress_test.stress``: the models loaded,
     then the slots, as the Director runs them) on a recording card."""
@@ -198,6 +202,7 @@ def record(workload: dict[str, Any], card_bytes: int) -> Trace:
 
 class Card(Protocol):
     label: str
+    backend: Any  # its MemoryBackend: memory_snapshot() says where the segments are
 
     def allocate(self, handle: int, nbytes: int) -> None:
         """Raises ``torch.OutOfMemoryError`` when the card cannot hold it."""
@@ -211,9 +216,15 @@ class Card(Protocol):
 
 
 class SimulatedCard:
-    def __init__(self, card_bytes: int) -> None:
-        self.backend = simulated_card(card_bytes)
-        self.label = f"simulated {card_bytes / GB:g} GB card"
+    """What the capped CUDA allocator may reserve, as a simulated card (no context bytes: the
+    per-process fraction does not count the CUDA context); ``addresses``: where its new
+    segments go, another card's."""
+
+    def __init__(self, card_bytes: int, addresses: list[int] | None = None) -> None:
+        self.backend = SimulatedBackend(card_bytes, device="sim:trace",
+                                        segment_addresses=addresses)
+        self.label = f"simulated {card_bytes / GB:g} GB card" + (
+            ", segments where another card put them" if addresses is not None else "")
         self._handles: dict[int, int] = {}
 
     def allocate(self, handle: int, nbytes: int) -> None:
@@ -258,16 +269,38 @@ class CudaCard:
 class Replay:
     oom_steps: list[int] = field(default_factory=list)
     samples: dict[str, list[int]] = field(default_factory=lambda: {f: [] for f in FIELDS})
+    segment_addresses: list[int] = field(default_factory=list)
 
     def note(self, s: AllocatorSample) -> None:
         for name in FIELDS:
             self.samples[name].append(getattr(s, name))
 
 
+class _Segments:
+    """The addresses of the card's segments (cudaMalloc'd, not expandable), read from its
+    snapshot when reserved bytes grew: each new one, in order."""
+
+    def __init__(self, card: Card) -> None:
+        self._card = card
+        self._known: set[int] = set()
+        self._reserved = 0
+
+    def new(self, s: AllocatorSample) -> list[int]:
+        grew, self._reserved = s.reserved_bytes > self._reserved, s.reserved_bytes
+        if not grew:
+            return []
+        now = {seg["address"] for seg in self._card.backend.memory_snapshot()["segments"]
+               if not seg.get("is_expandable")}
+        new = sorted(now - self._known)
+        self._known = now
+        return new
+
+
 def replay(steps: Iterable[tuple[str, int, int]], card: Card) -> Replay:
     """Play the steps on ``card``; an allocation that runs out of memory is noted and the
     replay goes on without its handle (its later free is skipped)."""
     result, live = Replay(), set()
+    segments = _Segments(card)
     for i, (op, handle, nbytes) in enumerate(steps):
         if op == ALLOC:
             try:
@@ -283,7 +316,9 @@ def replay(steps: Iterable[tuple[str, int, int]], card: Card) -> Replay:
             card.empty_cache()
         else:
             raise ValueError(f"step {i}: unknown op {op!r}")
-        result.note(card.sample())
+        sample = card.sample()
+        result.note(sample)
+        result.segment_addresses.extend(segments.new(sample))
     return result
 
 
@@ -389,8 +424,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if raw[:2] == b"\x1f\x8b":  # gzip, as record writes a .gz
         raw = gzip.decompress(raw)
     trace = Trace.from_json(raw.decode())
+    addresses = None
+    if args.addresses is not None:
+        if not args.simulate:
+            print("error: --addresses places the simulated card's segments: add --simulate",
+                  file=sys.stderr)
+            return 2
+        addresses = json.loads(args.addresses.read_text()).get("segment_addresses")
+        if addresses is None:
+            print(f"error: {args.addresses} has no segment_addresses (a replay file?)",
+                  file=sys.stderr)
+            return 2
     try:
-        card: Card = SimulatedCard(trace.card_bytes) if args.simulate else CudaCard(
+        card: Card = SimulatedCard(trace.card_bytes, addresses) if args.simulate else CudaCard(
             trace.card_bytes)
     except VortexInitializationError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -404,7 +450,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "trace": {"path": str(args.trace), "sha256": hashlib.sha256(raw).hexdigest(),
                   "steps": len(trace.ops), "recorded_oom_steps": trace.oom_steps},
-        "seconds": round(seconds, 3), "oom_steps": result.oom_steps, "samples": result.samples})
+        "seconds": round(seconds, 3), "oom_steps": result.oom_steps, "samples": result.samples,
+        "segment_addresses": result.segment_addresses})
     print(f"replayed {len(trace.ops)} steps on {card.label} in {seconds:.2f}s "
           f"({seconds / max(1, len(trace.ops)) * 1e6:.1f} µs/step): "
           f"{len(result.oom_steps)} OOMs ({len(trace.oom_steps)} recorded), final allocated "
@@ -461,6 +508,9 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("replay", help="replay a trace on CUDA (capped) or --simulate")
     rep.add_argument("trace", type=Path)
     rep.add_argument("--simulate", action="store_true", help="the simulated card, not CUDA")
+    rep.add_argument("--addresses", type=Path, metavar="REPLAY",
+                     help="with --simulate: put each new segment where this replay's card put "
+                     "it (its segment_addresses), so ties between equal blocks go its way")
     rep.add_argument("--out", type=Path, required=True, help="replay file to write")
     rep.set_defaults(run=cmd_replay)
     cmp = sub.add_parser("compare", help="divergence of two replays; exit 1 beyond tolerances")

@@ -91,7 +91,10 @@ def test_the_committed_real_model_trace_replays_on_the_simulated_card(tmp_path):
                    "--out", "replay.json")
     assert done.returncode == 0, done.stdout + done.stderr
     replay = json.loads((tmp_path / "replay.json").read_text())
-    assert replay["oom_steps"] == []
+    # The VAE decode's largest convolution workspaces do not fit beside the five models: cuDNN
+    # goes without them (a smaller plan); the replay meets them at the recorded steps.
+    assert replay["oom_steps"] == head["oom_steps"]
+    assert 0 < len(head["oom_steps"]) <= 5 * 4
 
 
 def test_the_committed_trace_is_what_record_makes_now(tmp_path):
