@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# One run on the lent GPU (issues 4 and 13): the GPU tests, the benchmarks and the trace replay
-# on CUDA capped to 12 GB, and an OOM post-mortem dump, with the results under $OUT.
+# One run on a lent GPU (issues 4, 13 and 23): the GPU tests, what changed since the last loan
+# measured on CUDA capped to 12 GB, and an OOM post-mortem dump; the results under $OUT. The
+# whole run ends within BUDGET_S (360 s by default: a loan is 15 minutes, starts included).
 #
-# Prepare here, once: the wheels the device lacks (fastapi, uvicorn, pydantic... by default,
-# plus the extras named) into .whl/, which git ignores:
+# Prepare here, once: the wheels the device lacks (the web stack and its dependencies) into
+# .whl/, which git ignores (the device has transformers, which the CLIP steps build):
 #   ../shared/device/fetch-wheels.sh httptools tqdm orjson
-# Then the device command, carrying the wheels (its 600 s limit; the run ends by itself within
-# BUDGET_S, 480 s by default):
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
+# Then the device command, carrying the wheels:
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=480)
 # Dry run on a CPU first (the GPU tests skip, the benchmarks use --simulate, the CUDA-only
-# steps say they are skipped; a few minutes):
+# steps say they are skipped; under 6 minutes):
 #   SIMULATE=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_run.sh
+# FULL=1 adds the steps whose CUDA figures are already in docs/gpu-results.md (the synthetic
+# trace replay, the profile, the leak detector): about 3 minutes more.
 #
 # No step stops the run: each one's output and exit status go to run.log, the last line lists
 # the failed steps, and the script exits 1 if any failed. What comes back (the device returns
-# at most 8 files): run.log, stress.png, trace_compare.json (simulated vs CUDA replay) and
-# results.tar.gz (every JSON, the trace, both replays and the OOM dump).
+# at most 8 files): run.log, stress.png, the JSON of the fuzz, the fidelity, the latency, the
+# sources and the real trace's comparison, and results.tar.gz (everything else).
 set -uo pipefail
 OUT=${OUT:-results}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-360}
 mkdir -p "$OUT"
 log="$OUT/run.log"
 : >"$log"
@@ -68,52 +70,51 @@ sim=(); [ "$cuda" = 1 ] || sim=(--simulate)
   echo "CUDA steps: $([ "$cuda" = 1 ] && echo yes || echo "no (SIMULATE or no GPU)")" \
     "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-}"; } 2>&1 | tee -a "$log"
 
-# Rough costs on an H100, from the CPU timings and the CUDA read costs (not yet measured
-# there); each step also pays ~5 s to import torch.
-# What the tests and tools import; the device image lacks the web stack without .whl.
-step imports 30 "$PY" -c 'import fastapi, uvicorn, pydantic_settings, dotenv, orjson, tqdm, matplotlib, pytest, app.api'
-# ~1 min: the backend and the card's seven cases under the 12 GB cap.
-step pytest-gpu 150 "$PY" -m pytest --gpu -q -p no:cacheprovider \
+# Costs on an H200 (issue 23's loan) and this machine's dry run; each step also pays ~5 s to
+# import torch. The imports first: a missing wheel fails here, not in every step after.
+step imports 30 "$PY" -c 'import fastapi, uvicorn, pydantic_settings, dotenv, orjson, tqdm, matplotlib, pytest, transformers, app.api'
+# ~60 s: the backend and the card's seven cases under the 12 GB cap.
+step pytest-gpu 120 "$PY" -m pytest --gpu -q -p no:cacheprovider \
   tests/gpu tests/integration/test_cuda_card_cases.py
-# ~30 s: 100,000 calls per guard, and torch.cuda.memory_allocated() (~100 µs) beside them.
-step guard-latency 90 "$PY" benchmarks/guard_latency.py "${sim[@]}" \
-  --json "$work/guard_latency.json"
-# ~20 s: what each source of the allocator model costs (stats, mem_get_info, the snapshot)
-# in a fragmented state: the CUDA figures README's "where the cache is read" still lacks.
-step cache-sources 90 "$PY" benchmarks/cache_sources.py "${sim[@]}" \
+# ~20 s (68 s with 100,000 calls on the last loan): the guards' costs, healthy, and fragmented
+# on the simulated card and, on CUDA, the same state made of real tensors.
+step guard-latency 75 "$PY" benchmarks/guard_latency.py "${sim[@]}" --calls 10000 \
+  --json "$OUT/guard_latency.json"
+# ~10 s: what each source of the model's answers costs, fragmented.
+step cache-sources 45 "$PY" benchmarks/cache_sources.py "${sim[@]}" --calls 500 \
   --json "$OUT/cache_sources.json"
+# ~40 s: the guard fuzz against the real allocator, three settings, 300 fragmented states each:
+# escapes, refusals of what fits, largest_allocatable checked (issue 23, "What to build" 1).
+step guard-fuzz 100 "$PY" benchmarks/guard_fuzz.py "${sim[@]}" --trials 300 \
+  --json "$OUT/guard_fuzz.json"
+# ~40 s: four modules' peaks above resident, the card's capture (meta) against CUDA.
+step capture-fidelity 90 "$PY" benchmarks/capture_fidelity.py "${sim[@]}" \
+  --json "$OUT/capture_fidelity.json"
 
-# Trace replay, ~30 s: 1,000 slots (~8,800 steps) recorded on the simulated card in ~2 s,
-# replayed at ~10 µs a step on each card.
+# The real models' trace (recorded on the simulated card and committed, since the device lacks
+# the models extra; regenerate: trace_replay.py record --workload models --iterations 5 --out
+# <it>), its first 150,000 steps: on CUDA, then on the simulated card with its segments where
+# CUDA put them, which should agree in allocated bytes step by step (issue 23, Why 6).
 trace=(benchmarks/trace_replay.py)
-step trace-record 60 "$PY" "${trace[@]}" record --iterations 1000 --out "$work/trace.json"
-step trace-replay-sim 60 "$PY" "${trace[@]}" replay --simulate "$work/trace.json" \
-  --out "$work/replay_sim.json"
-if [ "$cuda" = 1 ]; then
-  step trace-replay-cuda 90 "$PY" "${trace[@]}" replay "$work/trace.json" \
-    --out "$work/replay_cuda.json"
-  other="$work/replay_cuda.json"
-else
-  skip trace-replay-cuda "no CUDA; comparing a second simulated replay instead"
-  step trace-replay-sim-again 60 "$PY" "${trace[@]}" replay --simulate "$work/trace.json" \
-    --out "$work/replay_sim_again.json"
-  other="$work/replay_sim_again.json"
-fi
-step trace-compare 30 "$PY" "${trace[@]}" compare "$work/replay_sim.json" "$other" \
-  --json "$OUT/trace_compare.json"
-
-# The real models' trace, ~15 s a card: five slots of the five real architectures (518,000
-# steps), recorded on the simulated card and committed, since the device lacks the `models`
-# extra (regenerate: trace_replay.py record --workload models --iterations 5 --out <it>).
 real=benchmarks/traces/real-models.json.gz
-step real-replay-sim 90 "$PY" "${trace[@]}" replay --simulate "$real" \
-  --out "$work/real_replay_sim.json"
+real_steps=(--steps 150000)
 if [ "$cuda" = 1 ]; then
-  step real-replay-cuda 120 "$PY" "${trace[@]}" replay "$real" --out "$work/real_replay_cuda.json"
-  step real-compare 30 "$PY" "${trace[@]}" compare "$work/real_replay_sim.json" \
-    "$work/real_replay_cuda.json" --json "$work/real_trace_compare.json"
+  step real-replay-cuda 60 "$PY" "${trace[@]}" replay "$real" "${real_steps[@]}" \
+    --out "$work/real_replay_cuda.json"
+  step real-replay-sim-addresses 60 "$PY" "${trace[@]}" replay --simulate "$real" \
+    "${real_steps[@]}" --addresses "$work/real_replay_cuda.json" \
+    --out "$work/real_replay_sim_addresses.json"
+  step real-compare 30 "$PY" "${trace[@]}" compare "$work/real_replay_sim_addresses.json" \
+    "$work/real_replay_cuda.json" --json "$OUT/real_trace_compare.json"
 else
-  skip real-replay-cuda "no CUDA"
+  skip real-replay-cuda "no CUDA; a simulated replay, and one at its own addresses, instead"
+  step real-replay-sim 60 "$PY" "${trace[@]}" replay --simulate "$real" "${real_steps[@]}" \
+    --out "$work/real_replay_sim.json"
+  step real-replay-sim-addresses 60 "$PY" "${trace[@]}" replay --simulate "$real" \
+    "${real_steps[@]}" --addresses "$work/real_replay_sim.json" \
+    --out "$work/real_replay_sim_addresses.json"
+  step real-compare 30 "$PY" "${trace[@]}" compare "$work/real_replay_sim.json" \
+    "$work/real_replay_sim_addresses.json" --json "$OUT/real_trace_compare.json"
 fi
 
 # ~15 s: an OOM inside generation() must leave a memory_viz dump that loads.
@@ -153,21 +154,32 @@ print(f"{dumps[-1].name}: {dumps[-1].stat().st_size:,} bytes, keys {sorted(snap)
 sys.exit(f"missing keys {sorted(missing)}" if missing else 0)
 EOF
 if [ "$cuda" = 1 ]; then
-  step oom-postmortem 60 "$PY" "$work/postmortem.py" "$work/postmortem"
+  step oom-postmortem 45 "$PY" "$work/postmortem.py" "$work/postmortem"
 else
   skip oom-postmortem "needs CUDA"
 fi
 
-# ~1-2 min on CUDA (real fp16 stand-in models; 1,000 slots of five stages).
-step stress 150 "$PY" benchmarks/vram_stress_test.py "${sim[@]}" --iterations 1000 \
+# ~40 s on CUDA (real fp16 stand-in models; 300 slots of five stages).
+step stress 75 "$PY" benchmarks/vram_stress_test.py "${sim[@]}" --iterations 300 \
   --plot "$OUT/stress.png" --json "$work/stress.json"
-# ~20 s.
-step profile 60 "$PY" benchmarks/vram_profile.py "${sim[@]}" --json "$work/profile.json"
-# ~1 min each; with a leak injected the detector must exit 1.
-step leak-none 90 "$PY" benchmarks/memory_leak_detector.py "${sim[@]}" --generations 500 \
-  --json "$work/leak_none.json"
-expect=1 step leak-injected 90 "$PY" benchmarks/memory_leak_detector.py "${sim[@]}" \
-  --generations 300 --inject-leak-mb 2 --json "$work/leak_injected.json"
+
+if [ -n "${FULL:-}" ]; then
+  # Trace replay, ~30 s: 1,000 slots (~8,800 steps), replayed at ~10 µs a step on each card.
+  step trace-record 60 "$PY" "${trace[@]}" record --iterations 1000 --out "$work/trace.json"
+  step trace-replay-sim 60 "$PY" "${trace[@]}" replay --simulate "$work/trace.json" \
+    --out "$work/replay_sim.json"
+  if [ "$cuda" = 1 ]; then
+    step trace-replay-cuda 90 "$PY" "${trace[@]}" replay "$work/trace.json" \
+      --out "$work/replay_cuda.json"
+    step trace-compare 30 "$PY" "${trace[@]}" compare "$work/replay_sim.json" \
+      "$work/replay_cuda.json" --json "$work/trace_compare.json"
+  fi
+  step profile 60 "$PY" benchmarks/vram_profile.py "${sim[@]}" --json "$work/profile.json"
+  step leak-none 90 "$PY" benchmarks/memory_leak_detector.py "${sim[@]}" --generations 500 \
+    --json "$work/leak_none.json"
+  expect=1 step leak-injected 90 "$PY" benchmarks/memory_leak_detector.py "${sim[@]}" \
+    --generations 300 --inject-leak-mb 2 --json "$work/leak_injected.json"
+fi
 
 tar -czf "$OUT/results.tar.gz" -C "$work" . 2>&1 | tee -a "$log"
 rm -rf "$work"

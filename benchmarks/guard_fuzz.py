@@ -241,8 +241,10 @@ def run_one(conf: str, trials: int, simulate: bool, policy: str) -> dict[str, An
         out = fuzz(card, trials, policy=policy)
     finally:
         card.close()
-    return {"setting": conf or "(default)", "policy": policy, **out,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    keys = ("trials", "fits", "escaped", "refused_but_fits", "slow_path", "snapshots",
+            "decision_us", "largest_exact_checked", "largest_wrong", "largest_estimate")
+    return {"setting": conf or "(default)", "policy": policy,
+            **{k: out.get(k, 0) for k in keys}, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ for that part (a refusal logs one ERROR record per call; its cost is the handler
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -144,6 +145,57 @@ def fragmented_state(n: int) -> dict:
     return results
 
 
+def fragmented_state_cuda(n: int) -> dict:
+    """The same state on the real card (9 GB, 80 segments of 20 MiB each pinned by a live
+    4 MiB tensor), capped to 12 GB: a 2 GB request is refused from the stats (no cached
+    block can hold it); a 12 MiB one that a 16 MiB hole serves, with the allocator moving
+    between calls, is where a decision reads the blocks anew (a snapshot) when the
+    counters' answer would refuse."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    backend = CudaBackend(0, memory_fraction=min(1.0, 12 * GB / total))
+    keep = [torch.empty(9 * GB, dtype=torch.uint8, device="cuda")]
+    groups = [[torch.empty(4 * MiB, dtype=torch.uint8, device="cuda") for _ in range(5)]
+              for _ in range(80)]
+    keep.extend(g[0] for g in groups)
+    groups.clear()  # the rest of each group goes: 16 MiB holes beside one live block
+    # fill the room so that only the holes can serve a small request
+    room = backend.cache_state(0).room_bytes
+    if room > 24 * MiB:
+        keep.append(torch.empty(room - 20 * MiB, dtype=torch.uint8, device="cuda"))
+    monitor = VRAMMonitor(backend=backend, soft_limit_gb=11.0, hard_limit_gb=11.9)
+    big = 2 * GB
+
+    def refused() -> None:
+        with contextlib.suppress(MemoryPressureError):
+            monitor.check_allocation(big, "fragmented")
+
+    moving = [torch.empty(MiB, dtype=torch.uint8, device="cuda")]
+
+    def moving_hole() -> None:
+        # the allocator moves between calls: a view is never current
+        moving[0] = torch.empty(MiB, dtype=torch.uint8, device="cuda")
+        monitor.check_allocation(12 * MiB, "fragmented")
+
+    app_logs = logging.getLogger("app")
+    level = app_logs.level
+    app_logs.setLevel(logging.CRITICAL)
+    try:
+        results = {
+            "check_allocation": time_calls(refused, n, "CUDA fragmented check_allocation"),
+            "check_allocation_moving_hole": time_calls(moving_hole, max(200, n // 20),
+                                                       "CUDA check, allocator moving"),
+            "fit_allocation": time_calls(lambda: monitor.fit_allocation(big, "fragmented"),
+                                         max(200, n // 10), "CUDA fragmented fit_allocation"),
+        }
+    finally:
+        app_logs.setLevel(level)
+    results["snapshots_taken"] = backend.snapshots_taken
+    keep.clear()
+    moving.clear()
+    torch.cuda.empty_cache()
+    return results
+
+
 def print_states(healthy: dict, fragmented: dict) -> None:
     print(f"\n{'median / p99 µs':<20}{'healthy':>28}{'fragmented (simulated)':>30}")
     for name in ("check_allocation", "fit_allocation", "check_limits"):
@@ -233,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         "check_allocation": heap_growth(lambda: monitor.check_allocation(1 << 20), 100_000),
         "admit": heap_growth(monitor.admit, 100_000),
     }
-    # Always on the simulated card: building the state needs its exact placement.
+    # On the simulated card, whose placement is exact; on a GPU, the same state for real too.
     fragmented = fragmented_state(n)
+    if mode == "cuda":
+        fragmented["cuda"] = fragmented_state_cuda(n)
     meta = {
         "mode": mode,
         "device": torch.cuda.get_device_name(0) if mode == "cuda" else "simulated 12 GB card",
@@ -253,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in results:
             print(f"{name}: {results[name]}")
     print_states(results, fragmented)
+    if "cuda" in fragmented:
+        print("fragmented on CUDA (median / p99 µs):", {
+            k: (v["median_us"], v["p99_us"]) for k, v in fragmented["cuda"].items()
+            if isinstance(v, dict)}, f"snapshots {fragmented['cuda']['snapshots_taken']}")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results,
                                          "fragmented": fragmented}, indent=2))

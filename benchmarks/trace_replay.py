@@ -441,6 +441,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except VortexInitializationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.steps is not None:  # the first N steps: a shorter run of the same trace
+        trace = Trace(trace.card_bytes, trace.workload, trace.ops[:args.steps],
+                      trace.handles[:args.steps], trace.sizes[:args.steps],
+                      [s for s in trace.oom_steps if s < args.steps])
     t0 = time.perf_counter()
     result = replay(progress(trace.steps(), len(trace.ops), "replay"), card)
     seconds = time.perf_counter() - t0
@@ -511,6 +515,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--addresses", type=Path, metavar="REPLAY",
                      help="with --simulate: put each new segment where this replay's card put "
                      "it (its segment_addresses), so ties between equal blocks go its way")
+    rep.add_argument("--steps", type=int, default=None, metavar="N",
+                     help="replay the first N steps only")
     rep.add_argument("--out", type=Path, required=True, help="replay file to write")
     rep.set_defaults(run=cmd_replay)
     cmp = sub.add_parser("compare", help="divergence of two replays; exit 1 beyond tolerances")

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,14 @@ class CudaBackend:
         self._oom_lock = threading.Lock()
         attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)
         if attach is not None:
-            attach(self._on_out_of_memory)
+            # torch keeps its observers for good: a weak reference lets a backend go.
+            ref = weakref.ref(self)
+
+            def observer(device: int, alloc: int, total: int, free: int) -> None:
+                backend = ref()
+                if backend is not None:
+                    backend._on_out_of_memory(device, alloc, total, free)
+            attach(observer)
 
     @property
     def device(self) -> str:
