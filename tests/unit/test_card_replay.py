@@ -81,7 +81,8 @@ def test_a_fixed_point_is_not_run_again_and_still_counts():
     trace = (100 * MiB, 30 * MiB, ~0, 5 * MiB, ~2, ~1)
     calls = []
     real = card._replay_once
-    card._replay_once = lambda events: (calls.append(1), real(events))  # type: ignore
+    card._replay_once = lambda events, optional=frozenset(): (  # type: ignore
+        calls.append(1), real(events, optional))
     card.replay(trace, 50)
     assert len(calls) == 2  # the second run found the card as the first left it
     stats = card.memory_stats()
