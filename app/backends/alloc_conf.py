@@ -168,6 +168,30 @@ class AllocatorSettings:
         }
 
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AllocatorSettings:
+        """The settings ``to_dict`` wrote (a snapshot's ``allocator_settings``)."""
+        def mb(key: str, default: int) -> int:
+            value = d.get(key)
+            return default if value is None else int(value) * MiB
+
+        divisions = tuple(int(x) for x in d.get("roundup_power2_divisions") or NO_DIVISIONS)
+        if len(divisions) != ROUNDUP_INTERVALS:
+            raise ValueError(f"roundup_power2_divisions has {ROUNDUP_INTERVALS} intervals, "
+                             f"got {len(divisions)}")
+        state = State(
+            large_segment_size=mb("large_segment_size_mb", LARGE_BUFFER),
+            max_split_size=mb("max_split_size_mb", SIZE_MAX),
+            max_non_split_rounding_size=mb("max_non_split_rounding_mb", LARGE_BUFFER),
+            roundup_power2_divisions=divisions,
+            garbage_collection_threshold=float(d.get("garbage_collection_threshold") or 0.0),
+            expandable_segments=bool(d.get("expandable_segments", False)),
+            text=str(d.get("text", "")),
+            other=(("backend", str(d.get("backend", "native"))),),
+        )
+        return cls.from_state(state)
+
+
 DEFAULT_SETTINGS = AllocatorSettings()
 
 

@@ -254,6 +254,13 @@ class MemoryBackend(Protocol):
         Never for a decision."""
         ...
 
+    def rehearse(self, trace: Any, *, hard_limit_bytes: int,
+                 basis: str = "allocated") -> Any:
+        """What an ``AllocationTrace`` (or a slot's plan of (trace, repeats)) would do on the
+        allocator as it is now, replayed on a copy: a ``Rehearsal`` (app/backends/
+        rehearsal.py). The allocator is left as it was."""
+        ...
+
     def allocator_oom_events(self) -> int:
         """Out-of-memory errors the allocator has raised since the backend was made, those a
         caller caught and retried (cuDNN trying a smaller workspace) included; unlike

@@ -12,7 +12,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +30,12 @@ from app.backends.base import (
     DeviceTelemetry,
 )
 from app.backends.cuda_view import Bases, CacheView
+from app.backends.rehearsal import AnswerCache, Plan, Rehearsal, as_plan, rehearse_on
+from app.backends.twin import twin_of
 from app.errors import VortexInitializationError
+
+if TYPE_CHECKING:
+    from app.backends.capture import AllocationTrace
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +128,7 @@ class CudaBackend:
         # such answer conservative). For measurements; the default is the one to run.
         self.decision_views = "on_refusal"
         self.snapshots_taken = 0
+        self._answers = AnswerCache()  # rehearse(): answers while the counters stand still
         raw = getattr(torch._C, "_cuda_memoryStats", None)
         self._read_stats: Callable[[], dict[str, Any]] = (
             (lambda: raw(device)) if raw is not None
@@ -360,10 +366,51 @@ class CudaBackend:
 
     def memory_snapshot(self) -> dict[str, Any]:
         """``torch.cuda.memory._snapshot()``: segments, blocks and (with memory history on)
-        the frames that allocated them; what ``vortex-vram dump`` saves and memory_viz opens."""
+        the frames that allocated them; what ``vortex-vram dump`` saves and memory_viz opens.
+        Added for a twin (``SimulatedBackend.from_snapshot``, ``vortex-vram whatif``): the
+        settings in force, the device's memory, the cap, the stream, and the expandable
+        segments' starts where known."""
         snap = torch.cuda.memory._snapshot(self._index)  # type: ignore[attr-defined]
-        snap["allocator_settings"] = self._settings.to_dict()
+        snap.update(self._twin_facts())
         return snap
+
+    def _twin_facts(self) -> dict[str, Any]:
+        free, device_total = torch.cuda.mem_get_info(self._index)
+        return {
+            "allocator_settings": self.allocator_settings.to_dict(),
+            "device": self._index, "stream": self._current_stream(),
+            "device_total_bytes": int(device_total), "device_free_bytes": int(free),
+            "memory_fraction": self.memory_fraction(),
+            "expandable_segment_starts": [[stream, pool, start] for (stream, pool), start
+                                          in self._bases.starts.items()],
+        }
+
+    def rehearse(self, trace: AllocationTrace | Plan, *, hard_limit_bytes: int,
+                 basis: str = "allocated") -> Rehearsal:
+        """What ``trace`` (or a slot's plan) would do on this device as it is now, replayed on
+        a twin of its allocator built from a fresh snapshot (app/backends/twin.py says what a
+        snapshot cannot show and how the twin errs on the side of "does not fit"). The answer
+        is kept while the allocator's counters stand still."""
+        plan = as_plan(trace)
+        stats = self._read_stats()
+        key = AnswerCache.key((self._state_key(stats), self.allocator_settings.state,
+                               self.memory_fraction()), plan, hard_limit_bytes, basis)
+        with self._view_lock:
+            answer = self._answers.get(key)
+        if answer is not None:
+            return answer
+        answer = rehearse_on(self.twin(), plan, hard_limit_bytes, basis)
+        with self._view_lock:
+            self._answers.put(key, answer, plan)
+        return answer
+
+    def twin(self) -> Any:
+        """A simulated card holding this allocator's state now (a snapshot, ~0.4 ms on an
+        H200, and its blocks rebuilt)."""
+        snapshot = torch.cuda.memory._snapshot(self._index)  # type: ignore[attr-defined]
+        self.snapshots_taken += 1
+        return twin_of(snapshot, self._twin_facts(),
+                       int(self._read_stats()["reserved_bytes"]["all"]["current"]))
 
     def memory_summary(self) -> str:
         return torch.cuda.memory_summary(self._index)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +55,7 @@ from app.backends.base import (
     OutOfMemoryError,
     format_memory_summary,
 )
+from app.backends.rehearsal import AnswerCache, Plan, Rehearsal, as_plan, rehearse_on
 
 if TYPE_CHECKING:
     from app.backends.capture import AllocationTrace, Capture, _Charge
@@ -126,6 +127,7 @@ class SimulatedBackend(CachingAllocator):
         # cuBLAS's workspace, placed at the first matmul a capture sees, stays.
         self.compute_capability = tuple(compute_capability)
         self._cublas: int | None = None
+        self._answers = AnswerCache()  # rehearse(): answers by layout and plan
 
     def clone(self) -> SimulatedBackend:
         """An independent copy of the card as it is now: same settings, cap, segments, blocks
@@ -135,16 +137,73 @@ class SimulatedBackend(CachingAllocator):
         O(blocks): about a millisecond for a loaded 12 GB card."""
         with self._lock:
             self._free_queued()
-            twin = SimulatedBackend(self._total, context_bytes=self._context,
-                                    device=self._device, torch_device=self._torch_device,
-                                    name=self._name, alloc_conf="")
-            twin._settings = self._settings
-            blocks = self._copy_state_into(twin)
-            twin._handles = {h: None if b is None else blocks[id(b)]
-                             for h, b in self._handles.items()}
-            twin.compute_capability, twin._cublas = self.compute_capability, self._cublas
-            twin._ids = itertools.count(max(self._handles, default=0) + 1)
-            return twin
+            return self._clone()
+
+    def _clone(self) -> SimulatedBackend:
+        twin = SimulatedBackend(self._total, context_bytes=self._context, device=self._device,
+                                torch_device=self._torch_device, name=self._name,
+                                alloc_conf="")
+        twin._settings = self._settings
+        blocks = self._copy_state_into(twin)
+        twin._handles = {h: None if b is None else blocks[id(b)]
+                         for h, b in self._handles.items()}
+        twin._ids = itertools.count(max(self._handles, default=0) + 1)
+        twin.compute_capability, twin._cublas = self.compute_capability, self._cublas
+        return twin
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping[str, Any], total_bytes: int, *,
+                      context_bytes: int = 0, alloc_conf: str | None = None,
+                      device: int = 0, stream: int = 0,
+                      segment_starts: Mapping[tuple[int, str], int] | None = None,
+                      device_total_bytes: int | None = None) -> SimulatedBackend:
+        """A twin of the allocator a snapshot was taken of (``torch.cuda.memory._snapshot()``
+        or ``memory_snapshot()``): its segments and blocks at their addresses, the counters
+        they add up to, the settings (``alloc_conf``, else the snapshot's
+        ``allocator_settings``, else the environment), ``total_bytes`` to reserve (the card or
+        the cap) of which ``context_bytes`` others hold. Only ``device``'s blocks of
+        ``stream`` in the default pool can serve its requests; other streams' and pools'
+        segments count as held elsewhere. ``segment_starts``: where each expandable segment
+        starts, by (stream, "small_pool" / "large_pool"), where known; ``device_total_bytes``:
+        the GPU's memory, which sizes an expandable segment's address space (default
+        ``total_bytes``). What a snapshot cannot say, and how the twin errs on the side of
+        "does not fit" there: app/backends/twin.py. Rehearsing on a twin of this card
+        (with its segment starts) is rehearsing on this card."""
+        from app.backends import twin
+
+        settings = twin.settings_of(snapshot, alloc_conf)
+        card = cls(total_bytes, context_bytes=context_bytes, alloc_conf="")
+        card._settings = settings
+        twin.build(card, snapshot, device=device, stream=stream,
+                   segment_starts=segment_starts,
+                   device_total_bytes=device_total_bytes or total_bytes)
+        return card
+
+    def rehearse(self, trace: AllocationTrace | Plan, *, hard_limit_bytes: int,
+                 basis: str = "allocated") -> Rehearsal:
+        """What ``trace`` (or a slot's plan: (trace, repeats) pairs) would do on this card as
+        it is now, replayed on a copy of it: exactly what replaying it here would show (see
+        app/backends/rehearsal.py), and the card is left as it was. An answer is kept for
+        the card's layout and the plan, and reused when a later slot starts from the same."""
+        plan = as_plan(trace)
+        with self._lock:
+            self._free_queued()
+            key = AnswerCache.key(self._rehearsal_layout(), plan, hard_limit_bytes, basis)
+            answer = self._answers.get(key)
+            if answer is not None:
+                return answer
+            copy = self._clone()
+        answer = rehearse_on(copy, plan, hard_limit_bytes, basis)
+        with self._lock:
+            self._answers.put(key, answer, plan)
+        return answer
+
+    def _rehearsal_layout(self) -> tuple:
+        """Everything a rehearsal's answer depends on (the lock is held): the free blocks,
+        the segments and their extents, the levels, the settings, the room."""
+        return (self._layout(), tuple((a, s.size) for a, s in self._segments.items()),
+                self._settings.state, self._fraction, self._allowed_max, self._total,
+                self._context)
 
     # -- settings and fault injection ---------------------------------------------------------
 
@@ -482,10 +541,16 @@ class SimulatedBackend(CachingAllocator):
             return {
                 "segments": segments,
                 "device_traces": [traces],
+                # what a twin needs beside torch's own keys (CudaBackend adds the same)
                 "allocator_settings": self._settings.to_dict(),
+                "device": 0, "stream": 0,
                 "device_total_bytes": self._total,
                 "device_free_bytes": max(0, self._total - self._context
                                          - self._reserved.current),
+                "memory_fraction": self.memory_fraction(),
+                "expandable_segment_starts": [
+                    [0, "small_pool" if seg.small else "large_pool", seg.address]
+                    for seg in self._segments.values() if seg.expandable],
             }
 
     def memory_summary(self) -> str:

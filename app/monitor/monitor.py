@@ -59,6 +59,8 @@ from app.options import check_options, number
 from app.units import fmt_gb
 
 if TYPE_CHECKING:
+    from app.backends.capture import AllocationTrace
+    from app.backends.rehearsal import Plan, Rehearsal
     from app.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -328,6 +330,18 @@ class VRAMMonitor(MonitorViews):
         an unreadable backend admits.
         """
         return self._admitter.admit(slot)
+
+    def rehearse(self, trace: AllocationTrace | Plan) -> Rehearsal:
+        """What ``trace`` (or a slot's plan: (trace, repeats) pairs, each repeat a run of the
+        trace whose leftovers are freed at its end) would do on the card as it is now,
+        against this monitor's hard limit on its limit basis: replayed on a copy of the
+        allocator (a twin built from a snapshot on CUDA), leaving the card as it was.
+        ``fits``, the peaks, the first OOM and the first event past the hard limit (indices in
+        the plan's events, repeats counted): exactly what running it would show, save where
+        a snapshot cannot say (app/backends/twin.py: the twin errs towards "does not fit").
+        Not for a guard's hot path: milliseconds, once per slot."""
+        return self._backend.rehearse(trace, hard_limit_bytes=self.hard_limit_bytes,
+                                      basis=self.limit_basis)
 
     def skip_slot(self, slot: int | None = None, reason: str = "") -> None:
         """Count a slot the Director skipped before any stage ran (outcome ``skipped``).

@@ -1,0 +1,218 @@
+"""A rehearsal equals doing it (issue 24): a plan replayed on a copy of the card answers what
+replaying it on the card itself, event by event through the public API, shows: fits, the
+peaks between events, the first OOM, the first event past the hard limit; under every
+setting, both limit bases, synthetic and captured traces; the card is left as it was; and a
+twin built from the card's snapshot rehearses as the card does."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app import CudaBackend, SimulatedBackend, VRAMMonitor
+from app.backends.capture import AllocationTrace
+from app.backends.rehearsal import Rehearsal
+from app.backends.twin import twin_of
+from tests.cuda_harness import GB, CardAsCuda, MiB, fragmented_walk
+
+SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:256,roundup_power2_divisions:4"]
+CONTEXT = 400 * 10**6
+
+
+def random_trace(rng: random.Random, n: int = 300) -> AllocationTrace:
+    """Allocations of 512 B to 800 MB and frees, some left live at the end (outputs)."""
+    events: list[int] = []
+    live: list[int] = []
+    count = 0
+    for _ in range(n):
+        if live and rng.random() < 0.45:
+            events.append(~live.pop(rng.randrange(len(live))))
+        else:
+            events.append(int(2 ** rng.uniform(9, 29.6)))
+            live.append(count)
+            count += 1
+    return AllocationTrace(tuple(events))
+
+
+def captured_trace(side: int) -> AllocationTrace:
+    """A real forward on meta: convolutions (their workspaces optional), attention, linears."""
+    card = SimulatedBackend(80 * GB, alloc_conf="")
+    with card.capture(), torch.no_grad():
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, device="meta", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(64, 64, device="meta", dtype=torch.bfloat16)
+        lin(torch.empty(1, 64, device="meta", dtype=torch.bfloat16))  # cuBLAS's, first
+    with card.capture(record=True) as capture, torch.no_grad():
+        x = conv(torch.empty(1, 64, side, side, device="meta", dtype=torch.bfloat16))
+        x = conv(F.silu(x))
+        tokens = x.flatten(2).transpose(1, 2)
+        q = lin(tokens).view(1, -1, 1, 64).transpose(1, 2)
+        F.scaled_dot_product_attention(q, q, q)
+    trace = capture.trace()
+    assert trace.optional  # the workspaces
+    return trace
+
+
+def by_hand(card: SimulatedBackend, plan, hard: int, basis: str) -> tuple:
+    """The plan run on the card itself, one public call an event, sample() after each."""
+    def usage(s):
+        return s.reserved_bytes if basis == "reserved" else s.allocated_bytes
+
+    s = card.sample()
+    index, peak_a, peak_r = 0, s.allocated_bytes, s.reserved_bytes
+    over = 0 if usage(s) > hard else None
+    oom = None
+    for trace, repeats in plan:
+        for _ in range(repeats):
+            handles: list[int | None] = []
+            try:
+                for event in trace.events:
+                    if event > 0:
+                        try:
+                            handles.append(card.allocate(event))
+                        except torch.OutOfMemoryError:
+                            if len(handles) not in trace.optional:
+                                oom = index
+                                break
+                            handles.append(None)
+                            index += 1
+                            continue
+                        s = card.sample()
+                        peak_a, peak_r = max(peak_a, s.allocated_bytes), max(peak_r,
+                                                                              s.reserved_bytes)
+                        if over is None and usage(s) > hard:
+                            over = index
+                    elif event == 0:
+                        handles.append(None)
+                    else:
+                        h, handles[~event] = handles[~event], None
+                        if h is not None:
+                            card.free(h)
+                    index += 1
+            finally:
+                for h in handles:
+                    if h is not None:
+                        card.free(h)
+            if oom is not None:
+                return (False, peak_a, peak_r, oom, over)
+    return (over is None, peak_a, peak_r, None, over)
+
+
+def figures(r: Rehearsal) -> tuple:
+    return (r.fits, r.peak_allocated_bytes, r.peak_reserved_bytes, r.oom_at,
+            r.over_hard_limit_at)
+
+
+@pytest.mark.parametrize("conf", SETTINGS)
+def test_a_rehearsal_equals_doing_it_and_a_twin_rehearses_as_the_card(conf):
+    rng = random.Random(conf)
+    captured = [captured_trace(side) for side in (64, 256)]
+    outcomes = set()
+    for trial in range(60):
+        card = SimulatedBackend(12 * GB, context_bytes=CONTEXT, alloc_conf=conf)
+        fragmented_walk(card, rng, steps=(20, 150))
+        plan = [(random_trace(rng), rng.randint(1, 4)),
+                (captured[trial % 2], rng.randint(1, 3)),
+                (random_trace(rng, 150), 2)]
+        hard = int(rng.uniform(9.0, 12.0) * GB)
+        basis = rng.choice(["allocated", "reserved"])
+        before = (card.memory_stats(), card.memory_snapshot()["segments"])
+        rehearsed = card.rehearse(plan, hard_limit_bytes=hard, basis=basis)
+        assert (card.memory_stats(), card.memory_snapshot()["segments"]) == before
+        twin = twin_of(card.memory_snapshot())
+        on_twin = twin.rehearse(plan, hard_limit_bytes=hard, basis=basis)
+        done = by_hand(card, plan, hard, basis)
+        assert figures(rehearsed) == done, (trial, basis)
+        assert figures(on_twin) == done, (trial, basis)
+        outcomes.add("fits" if done[0] else "oom" if done[3] is not None else "over")
+    assert outcomes == {"fits", "oom", "over"}  # every answer was met
+
+
+def test_a_twin_counts_what_the_card_holds():
+    rng = random.Random(7)
+    for conf in SETTINGS:
+        card = SimulatedBackend(12 * GB, context_bytes=CONTEXT, alloc_conf=conf)
+        fragmented_walk(card, rng)
+        twin = twin_of(card.memory_snapshot())
+        mine, theirs = card.memory_stats(), twin.memory_stats()
+        for key, value in mine.items():
+            if key.endswith(".current"):
+                assert theirs[key] == value, (conf, key)
+        assert twin.cache_state(0) == card.cache_state(0)
+
+
+def test_where_a_snapshot_cannot_say_the_twin_errs_towards_does_not_fit():
+    """Expandable segments: without the segment's start, all of its unknown address space is
+    taken to lie before its first range, where a request would map its whole pages: the twin
+    never says "fits" where the card would not, and refuses some that fit."""
+    rng = random.Random(3)
+    refused_fits = 0
+    for _ in range(60):
+        card = SimulatedBackend(12 * GB, context_bytes=CONTEXT,
+                                alloc_conf="expandable_segments:True")
+        fragmented_walk(card, rng, steps=(20, 150))
+        snapshot = card.memory_snapshot()
+        snapshot["expandable_segment_starts"] = []  # as a plain torch snapshot says
+        blind = twin_of(snapshot)
+        plan = [(random_trace(rng), 2)]
+        truth = card.rehearse(plan, hard_limit_bytes=100 * GB)
+        guess = blind.rehearse(plan, hard_limit_bytes=100 * GB)
+        assert truth.fits or not guess.fits
+        refused_fits += truth.fits and not guess.fits
+    assert refused_fits > 0  # the price of not knowing
+
+
+def test_repeats_that_return_the_card_to_where_it_was_are_not_run_again():
+    card = SimulatedBackend(12 * GB, alloc_conf="")
+    card.allocate(3 * GB)
+    step = AllocationTrace((300 * MiB, 200 * MiB, ~0, 100 * MiB, ~1, ~2))
+    r = card.rehearse([(step, 100)], hard_limit_bytes=11 * GB)
+    assert r.fits and r.events == 600
+    assert r.replayed_events <= 3 * 6  # the first runs, until a run changed nothing
+    again = card.rehearse([(step, 100)], hard_limit_bytes=11 * GB)
+    assert again == r._replace(replayed_events=0)  # the same layout: the answer kept
+    card.allocate(MiB)  # another layout: rehearsed again
+    assert card.rehearse([(step, 100)], hard_limit_bytes=11 * GB).replayed_events > 0
+
+
+def test_oom_and_limit_indices_count_the_plans_events_repeats_included():
+    card = SimulatedBackend(4 * GB, alloc_conf="")
+    grow = AllocationTrace((GB,))  # a run leaves its GB live until its end: freed then
+    keep = AllocationTrace((int(1.5 * GB), int(1.5 * GB), int(1.5 * GB)))
+    r = card.rehearse([(grow, 3), (keep, 1)], hard_limit_bytes=int(2.5 * GB))
+    assert (r.oom_at, r.over_hard_limit_at, r.fits) == (5, 4, False)
+    assert r.peak_allocated_bytes >= 3 * GB
+
+
+def test_the_monitor_rehearses_against_its_limit_on_its_basis():
+    card = SimulatedBackend(12 * GB, alloc_conf="")
+    trace = AllocationTrace((int(2 * GB), ~0))
+    card.free(card.allocate(4 * GB))  # 4 GB cached: reserved, not allocated
+    card.allocate(6 * GB)
+    allocated = VRAMMonitor(backend=card, soft_limit_gb=8.5, hard_limit_gb=9.0)
+    reserved = VRAMMonitor(backend=card, soft_limit_gb=8.5, hard_limit_gb=9.0,
+                           limit_basis="reserved")
+    assert allocated.rehearse(trace).fits  # 8 GB allocated
+    over = reserved.rehearse(trace)  # 10 GB reserved from the start
+    assert not over.fits and over.over_hard_limit_at == 0 and over.oom_at is None
+
+
+def test_on_cuda_the_twin_of_the_allocator_rehearses_as_the_card(monkeypatch):
+    """CudaBackend.rehearse builds its twin from torch's snapshot (here the simulated card's,
+    through torch.cuda), with the expandable segments' starts it learned."""
+    rng = random.Random(11)
+    for conf in SETTINGS:
+        card = SimulatedBackend(12 * GB, context_bytes=CONTEXT, alloc_conf=conf)
+        cuda = CardAsCuda(card, monkeypatch)
+        backend = CudaBackend(0)
+        fragmented_walk(card, rng, steps=(40, 150), after_base=backend.cache_view)
+        for _ in range(10):
+            plan = [(random_trace(rng), 3)]
+            expected = card.rehearse(plan, hard_limit_bytes=11 * GB)
+            got = backend.rehearse(plan, hard_limit_bytes=11 * GB)
+            assert figures(got) == figures(expected), conf
+        snapshots = cuda.snapshots
+        backend.rehearse(plan, hard_limit_bytes=11 * GB)
+        assert cuda.snapshots == snapshots  # nothing moved: the answer kept
