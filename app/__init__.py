@@ -18,6 +18,7 @@ _EXPORTS = {
                     "app.api"),
     **dict.fromkeys(("CudaBackend", "MemoryBackend", "SimulatedBackend"), "app.backends"),
     **dict.fromkeys(("AllocationTrace", "as_loaded"), "app.backends.capture"),
+    "Rehearsal": "app.backends.rehearsal",
     **dict.fromkeys(("Settings", "SettingsError", "load_settings"), "app.config"),
     **dict.fromkeys(("CleanupCooldownError", "MemoryLeakWarning", "MemoryPressureError",
                      "MemoryPressureWarning", "VortexInitializationError"), "app.errors"),
@@ -25,7 +26,7 @@ _EXPORTS = {
                      "get_current_vram_usage", "get_monitor", "get_vram_breakdown",
                      "install_monitor"), "app.guards"),
     **dict.fromkeys(("Admission", "Forecast", "GenerationRecord", "MIN_SCALE", "ModelRecord",
-                     "VRAMMonitor", "VRAMSnapshot"), "app.monitor"),
+                     "SlotPreset", "StagePlan", "VRAMMonitor", "VRAMSnapshot"), "app.monitor"),
 }
 
 __all__ = [
@@ -43,9 +44,12 @@ __all__ = [
     "MemoryPressureError",
     "MemoryPressureWarning",
     "ModelRecord",
+    "Rehearsal",
     "Settings",
     "SettingsError",
     "SimulatedBackend",
+    "SlotPreset",
+    "StagePlan",
     "VRAMMonitor",
     "VRAMSnapshot",
     "VortexInitializationError",
@@ -81,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
     from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
     from app.backends.capture import AllocationTrace, as_loaded
+    from app.backends.rehearsal import Rehearsal
     from app.config import Settings, SettingsError, load_settings
     from app.errors import (
         CleanupCooldownError,
@@ -104,6 +109,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
         Forecast,
         GenerationRecord,
         ModelRecord,
+        SlotPreset,
+        StagePlan,
         VRAMMonitor,
         VRAMSnapshot,
     )

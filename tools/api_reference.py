@@ -26,6 +26,7 @@ SECTIONS = (
     ("The monitor", ("VRAMMonitor", "MIN_SCALE")),
     ("What it hands out", ("Admission", "Forecast", "GenerationRecord", "ModelRecord",
                            "VRAMSnapshot")),
+    ("Admission by rehearsal", ("SlotPreset", "StagePlan", "Rehearsal")),
     ("Backends: where `backend=` goes", ("MemoryBackend", "SimulatedBackend", "CudaBackend")),
     ("Real PyTorch code on the simulated card", ("as_loaded", "AllocationTrace")),
     ("The process-wide guards", ("install_monitor", "get_monitor", "check_limits",

@@ -254,11 +254,11 @@ class MemoryBackend(Protocol):
         Never for a decision."""
         ...
 
-    def rehearse(self, trace: Any, *, hard_limit_bytes: int,
-                 basis: str = "allocated") -> Any:
+    def rehearse(self, trace: Any, *, hard_limit_bytes: int, basis: str = "allocated",
+                 release_cache: bool = False) -> Any:
         """What an ``AllocationTrace`` (or a slot's plan of (trace, repeats)) would do on the
-        allocator as it is now, replayed on a copy: a ``Rehearsal`` (app/backends/
-        rehearsal.py). The allocator is left as it was."""
+        allocator as it is now (``release_cache``: once its cache is released), replayed on a
+        copy: a ``Rehearsal`` (app/backends/rehearsal.py). The allocator is left as it was."""
         ...
 
     def allocator_oom_events(self) -> int:

@@ -386,7 +386,7 @@ class CudaBackend:
         }
 
     def rehearse(self, trace: AllocationTrace | Plan, *, hard_limit_bytes: int,
-                 basis: str = "allocated") -> Rehearsal:
+                 basis: str = "allocated", release_cache: bool = False) -> Rehearsal:
         """What ``trace`` (or a slot's plan) would do on this device as it is now, replayed on
         a twin of its allocator built from a fresh snapshot (app/backends/twin.py says what a
         snapshot cannot show and how the twin errs on the side of "does not fit"). The answer
@@ -394,12 +394,18 @@ class CudaBackend:
         plan = as_plan(trace)
         stats = self._read_stats()
         key = AnswerCache.key((self._state_key(stats), self.allocator_settings.state,
-                               self.memory_fraction()), plan, hard_limit_bytes, basis)
+                               self.memory_fraction()), plan, hard_limit_bytes, basis,
+                              release_cache)
         with self._view_lock:
             answer = self._answers.get(key)
         if answer is not None:
             return answer
-        answer = rehearse_on(self.twin(), plan, hard_limit_bytes, basis)
+        twin = self.twin()
+        try:
+            answer = rehearse_on(twin, plan, hard_limit_bytes, basis,
+                                 release_cache=release_cache)
+        finally:
+            twin._dispose()
         with self._view_lock:
             self._answers.put(key, answer, plan)
         return answer

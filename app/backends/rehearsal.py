@@ -54,6 +54,9 @@ class Rehearsal(NamedTuple):
     over_hard_limit_at: int | None  # the first event after which usage was past the limit
     events: int  # how many the plan holds (repeats counted)
     replayed_events: int  # how many were replayed (repeats skipped, answers reused)
+    # optional allocations (a convolution's workspace) the allocator could not place: the
+    # kernel goes on without, slower, and the allocator counts an OOM (num_ooms)
+    ooms_absorbed: int = 0
 
 
 def as_plan(trace_or_plan: AllocationTrace | Plan) -> list[tuple[AllocationTrace, int]]:
@@ -73,22 +76,28 @@ def as_plan(trace_or_plan: AllocationTrace | Plan) -> list[tuple[AllocationTrace
 
 
 def rehearse_on(copy: SimulatedBackend, plan: Plan, hard_limit_bytes: int,
-                basis: str = "allocated") -> Rehearsal:
-    """Replay ``plan`` on ``copy`` (which it changes: a clone, or a twin), as one slot."""
+                basis: str = "allocated", *, release_cache: bool = False) -> Rehearsal:
+    """Replay ``plan`` on ``copy`` (which it changes: a clone, or a twin), as one slot;
+    ``release_cache``: after releasing the cache first, as ``empty_cache()`` would."""
     if basis not in LIMIT_BASES:
         raise ValueError(f"basis must be one of {', '.join(LIMIT_BASES)}, got {basis!r}")
+    if release_cache:
+        copy._release_cached_blocks()
     reserved_basis = basis == "reserved"
     peak_a = copy._allocated.current
     peak_r = copy._reserved.current
     over_at = 0 if (peak_r if reserved_basis else peak_a) > hard_limit_bytes else None
-    offset = replayed = 0
+    offset = replayed = absorbed = 0
     oom_at = None
+    # Under garbage collection its clock moves with every allocation: no run repeats another.
+    skip = not (copy._fraction is not None and copy._settings.garbage_collection_threshold > 0)
     for trace, repeats in plan:
         events = trace.events
         for done in range(repeats):
-            before = copy._layout() if done else None
-            pa, pr, oom, over = _run(copy, events, trace.optional, offset, hard_limit_bytes,
-                                     reserved_basis)
+            before = copy._layout() if skip and done < repeats - 1 else None
+            pa, pr, oom, over, gone = _run(copy, events, trace.optional, offset,
+                                           hard_limit_bytes, reserved_basis)
+            absorbed += gone
             replayed += len(events) if oom is None else oom - offset + 1
             peak_a, peak_r = max(peak_a, pa), max(peak_r, pr)
             if over_at is None:
@@ -100,25 +109,28 @@ def rehearse_on(copy: SimulatedBackend, plan: Plan, hard_limit_bytes: int,
             if before is not None and copy._layout() == before:
                 # A fixed point: every later run is this one again.
                 offset += len(events) * (repeats - done - 1)
+                absorbed += gone * (repeats - done - 1)
                 break
         if oom_at is not None:
             break
     total = sum(len(t.events) * r for t, r in plan)
     return Rehearsal(oom_at is None and over_at is None, peak_a, peak_r, oom_at, over_at,
-                     total, replayed)
+                     total, replayed, absorbed)
 
 
 def _run(copy: SimulatedBackend, events: Sequence[int], optional: frozenset[int],
          offset: int, limit: int, reserved_basis: bool
-         ) -> tuple[int, int, int | None, int | None]:
+         ) -> tuple[int, int, int | None, int | None, int]:
     """One run of a trace's events: (peak allocated, peak reserved, OOM index, first index
-    past the limit), indices from ``offset``. What the run leaves live is freed at its end,
+    past the limit, optional allocations gone without), indices from ``offset``. What the
+    run leaves live is freed at its end,
     and so is everything after an OOM, as an exception unwinding a forward pass frees it."""
     malloc, free_block = copy._malloc, copy._free_block
     allocated, reserved = copy._allocated, copy._reserved
     usage_stat = reserved if reserved_basis else allocated
     peak_a, peak_r = allocated.current, reserved.current
     over = oom = None
+    gone = 0
     blocks: list = []
     append = blocks.append
     try:
@@ -129,6 +141,7 @@ def _run(copy: SimulatedBackend, events: Sequence[int], optional: frozenset[int]
                 except OutOfMemoryError:
                     if len(blocks) in optional:
                         append(None)  # gone without, as cuDNN does
+                        gone += 1
                         continue
                     oom = offset + i
                     break
@@ -151,7 +164,7 @@ def _run(copy: SimulatedBackend, events: Sequence[int], optional: frozenset[int]
             if block is not None:
                 free_block(block)
         copy._oom_pending.clear()  # a copy has no observers to tell
-    return peak_a, peak_r, oom, over
+    return peak_a, peak_r, oom, over, gone
 
 
 class AnswerCache:
@@ -165,8 +178,10 @@ class AnswerCache:
         self.hits = 0
 
     @staticmethod
-    def key(layout: tuple, plan: Plan, hard_limit_bytes: int, basis: str) -> tuple:
-        return layout, tuple((id(t), r) for t, r in plan), hard_limit_bytes, basis
+    def key(layout: tuple, plan: Plan, hard_limit_bytes: int, basis: str,
+            release_cache: bool = False) -> tuple:
+        return (layout, tuple((id(t), r) for t, r in plan), hard_limit_bytes, basis,
+                release_cache)
 
     def get(self, key: tuple) -> Rehearsal | None:
         found = self._answers.get(key)

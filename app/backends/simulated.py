@@ -180,20 +180,26 @@ class SimulatedBackend(CachingAllocator):
         return card
 
     def rehearse(self, trace: AllocationTrace | Plan, *, hard_limit_bytes: int,
-                 basis: str = "allocated") -> Rehearsal:
+                 basis: str = "allocated", release_cache: bool = False) -> Rehearsal:
         """What ``trace`` (or a slot's plan: (trace, repeats) pairs) would do on this card as
         it is now, replayed on a copy of it: exactly what replaying it here would show (see
-        app/backends/rehearsal.py), and the card is left as it was. An answer is kept for
-        the card's layout and the plan, and reused when a later slot starts from the same."""
+        app/backends/rehearsal.py), and the card is left as it was. ``release_cache``: as
+        it would be once ``empty_cache()`` ran. An answer is kept for the card's layout and
+        the plan, and reused when a later slot starts from the same."""
         plan = as_plan(trace)
         with self._lock:
             self._free_queued()
-            key = AnswerCache.key(self._rehearsal_layout(), plan, hard_limit_bytes, basis)
+            key = AnswerCache.key(self._rehearsal_layout(), plan, hard_limit_bytes, basis,
+                                  release_cache)
             answer = self._answers.get(key)
             if answer is not None:
                 return answer
             copy = self._clone()
-        answer = rehearse_on(copy, plan, hard_limit_bytes, basis)
+        try:
+            answer = rehearse_on(copy, plan, hard_limit_bytes, basis,
+                                 release_cache=release_cache)
+        finally:
+            copy._dispose()
         with self._lock:
             self._answers.put(key, answer, plan)
         return answer
@@ -452,20 +458,32 @@ class SimulatedBackend(CachingAllocator):
                 skip = (self._history is None and not (
                     self._fraction is not None
                     and self._settings.garbage_collection_threshold > 0.0))
-                before = self._layout() if skip and done else None
+                before = self._layout() if skip and done < repeats - 1 else None
                 sums = self._sums() if before is not None else None
-            self._replay_once(events, optional)
+                ooms = self._oom_events
+            notified = self._replay_once(events, optional)
             done += 1
             if before is None:
                 continue
             with self._lock:
                 if self._layout() == before:  # a fixed point: the rest are this run again
                     self._add_sums(sums, repeats - done)
-                    return
+                    # and so are its OOMs (a workspace gone without): counted, and told
+                    self._oom_events += (self._oom_events - ooms) * (repeats - done)
+                    self._oom_pending.extend(notified * (repeats - done))
+                    again = bool(self._oom_pending)
+                else:
+                    again = None
+            if again:
+                self._notify_oom()
+            if again is not None:
+                return
 
     def _replay_once(self, events: Sequence[int], optional: frozenset[int] = frozenset()
-                     ) -> None:
+                     ) -> list[tuple[int, int, int, int]]:
+        """One run; returns the OOM notifications it made."""
         lock, malloc, free_block = self._lock, self._malloc, self._free_block
+        notified: list[tuple[int, int, int, int]] = []
         blocks: list[_Block | None] = []
         append = blocks.append
         try:
@@ -491,8 +509,10 @@ class SimulatedBackend(CachingAllocator):
                 for block in blocks:
                     if block is not None:
                         free_block(block)
-            if self._oom_pending:
+                notified.extend(self._oom_pending)
+            if notified:
                 self._notify_oom()
+        return notified
 
     def _layout(self) -> tuple:
         """What decides the allocator's next moves: its free blocks, unmapped pages,

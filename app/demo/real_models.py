@@ -16,6 +16,7 @@ from app.backends import SimulatedBackend
 from app.demo.workload import ModelSpec, SimulatedDevice, SlotPlan
 from app.models import MODELS, require
 from app.models.workload import (
+    PRESETS,
     SPEECH_S,
     STAGES,
     ResidentModels,
@@ -23,6 +24,7 @@ from app.models.workload import (
     StageTraces,
     replay,
 )
+from app.monitor import SlotPreset, StagePlan
 
 _BY_NAME = {m.name: m for m in MODELS}
 
@@ -71,16 +73,26 @@ class ModelsDevice(SimulatedDevice):
         return SlotPlan(tuple((stage, self.stage_bytes(stage, shape)) for stage in STAGES),
                         pressure, shape=shape)
 
+    def presets(self, plan: SlotPlan) -> tuple[SlotPreset, ...]:
+        """The slot at each of :data:`PRESETS`, each stage with its trace at that shape
+        (traced off the card the first time a shape is asked for: about 2 s, once)."""
+        shape = plan.shape if isinstance(plan.shape, SlotShape) else SlotShape()
+        out = []
+        for preset in PRESETS:
+            at = shape.scaled(preset)
+            out.append(SlotPreset(preset, tuple(
+                StagePlan(stage, self.traces.get(stage, at), at.repeats(stage))
+                for stage in STAGES)))
+        return tuple(out)
+
     @contextmanager
     def run_stage(self, stage: str, nbytes: int, scale: float,
                   plan: SlotPlan) -> Iterator[None]:
         """Replay the stage at the largest preset within ``scale`` of the plan's shape."""
         shape = plan.shape if isinstance(plan.shape, SlotShape) else SlotShape()
         shape = shape.scaled(scale)
-        # A shape's first use runs the real forward to trace it: that was one of the runs.
-        traced_now = not self.traces.known(stage, shape)
-        trace = self.traces.get(stage, shape)
-        repeats = shape.repeats(stage) - traced_now
+        trace = self.traces.get(stage, shape)  # traced off the card on a shape's first use
+        repeats = shape.repeats(stage)
         if self._per_call:
             replay(trace, self.backend.allocate, self.backend.free, repeats)
         else:

@@ -50,16 +50,24 @@ def run_slot(
     min_scale: float = MIN_SCALE,
     work: Callable[[str], None] | None = None,
     keep_bytes: int = 0,
+    rehearse: bool = True,
 ) -> SlotResult:
     """Run ``slot``: ``work(stage)`` is the stage's compute (the demo sleeps); ``keep_bytes``
-    stay allocated after the slot (a deliberate leak)."""
-    adm = monitor.admit(slot) if admission else None
+    stay allocated after the slot (a deliberate leak). ``rehearse``: admit by rehearsing
+    the device's presets when it has them (else, or with False, by the forecast)."""
+    presets = device.presets(plan) if admission and rehearse else None
+    adm = monitor.admit(slot, presets=presets) if admission else None
     scale = 1.0
     if adm is not None and adm.decision == "refuse":
         if adm.activation_scale < min_scale:
             monitor.skip_slot(slot, adm.reason)
             return SlotResult("skipped", 0.0, adm)
         scale = adm.activation_scale
+    # A stage whose trace was rehearsed is known to fit, allocation by allocation; a guard
+    # judging its peak as one block could only shrink it needlessly.
+    rehearsed = {st.name for p in presets or () if p.scale == scale
+                 for st in p.stages if st.trace is not None} \
+        if adm is not None and adm.method == "rehearsal" else set()
     done_s = 0.0
     try:
         with monitor.generation(slot, scale=scale) as record:
@@ -67,7 +75,9 @@ def run_slot(
                 context = f"slot {slot} {stage}"
                 want = int(nbytes * scale)
                 with monitor.stage(stage):
-                    if fit:
+                    if stage in rehearsed:
+                        got = want
+                    elif fit:
                         got = monitor.fit_allocation(want, context, min_fraction=min_scale)
                     else:
                         got = want

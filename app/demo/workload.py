@@ -8,14 +8,17 @@ Either way the monitor sees the same allocator behaviour.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from app.backends import SimulatedBackend
+
+if TYPE_CHECKING:
+    from app.monitor import SlotPreset
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -53,6 +56,8 @@ class Device(Protocol):
 
     def plan(self, rng: random.Random, pressure_every: int) -> SlotPlan: ...
 
+    def presets(self, plan: SlotPlan) -> Sequence[SlotPreset] | None: ...
+
     def keep(self, nbytes: int) -> None: ...
 
 
@@ -68,6 +73,10 @@ class _ActivationStages:
 
     def plan(self, rng: random.Random, pressure_every: int) -> SlotPlan:
         return plan_slot(rng, pressure_every)
+
+    def presets(self, plan: SlotPlan) -> Sequence[SlotPreset] | None:
+        """None: a synthetic stage has no forward to trace, so admission forecasts."""
+        return None
 
 
 class SimulatedDevice(_ActivationStages):

@@ -15,8 +15,8 @@ stage              forward passes                                what admission 
 =================  ============================================  ==========================
 
 A Flux forward takes a second or more on meta, so each stage's forward pass is traced once
-per shape, on the card itself the first time a slot needs it (that slot runs the real
-forward), and replayed in every later slot: a few thousand allocator calls. A stage's inputs
+per shape, on a scratch card (a shape must be traceable when it does not fit), and replayed
+on the card in every slot: a few thousand allocator calls. A stage's inputs
 are made inside its forward (prompt embeddings, latents), and what it returns is freed when
 the stage ends, so the stages hand each other nothing: the largest hand-over, LivePortrait's
 frames at 6 MB a frame, is small beside its 240 MB a frame of activations.
@@ -25,7 +25,8 @@ Kokoro's weight-norm and LivePortrait's spectral-norm convolutions compute their
 every forward and keep them on the module (0.231 GB and 0.061 GB): each model runs one
 forward while it loads, as a Director warms up, so those weights are part of what it holds.
 A replay makes them again and frees them at the stage's end, so those two stages' peaks
-count them once more: an upper bound by that much.
+count them once more: an upper bound by that much (a trace leaves the modules' own as they
+were).
 
 A shrunk slot takes the largest preset of :data:`PRESETS` at or below its scale, since a
 Director offers a few sizes, not a continuum.
@@ -37,7 +38,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ FULL_BATCH = 8
 # and its batch 16 * scale, both rounded down (sides to multiples of 64, as Flux needs 16).
 PRESETS = (1.0, 0.85, 0.7, 0.6, 0.5)
 SPEECH_S = 5  # a slot's speech: a Kokoro trace costs 4 s on meta, so one length
+SCRATCH_BYTES = 1 << 40  # where a stage is traced: room for any shape
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class ResidentModels:
     def __init__(self, parts: Mapping[str, Mapping[str, torch.nn.Module]]) -> None:
         self.parts = parts
 
+    def modules(self) -> Iterator[torch.nn.Module]:
+        """Every module of every model."""
+        for parts in self.parts.values():
+            for part in parts.values():
+                yield from part.modules()
+
     def warm_up(self, name: str) -> None:
         """One forward of model ``name`` at a small size, as a Director runs while loading:
         what it leaves on the module (weight-norm's weights) is part of the model. Run it
@@ -158,13 +166,20 @@ class ResidentModels:
 
 
 class StageTraces:
-    """Each stage's allocations at each shape, traced on ``card`` on first use (a real
-    forward, inside ``capture()``) and kept. Thread-safe; a trace is made once however many
-    threads ask. A forward that runs out of memory raises, and is traced again next time."""
+    """Each stage's allocations at each shape, traced on first use (a real forward, inside
+    ``capture(record=True)``) and kept. Thread-safe; a trace is made once however many
+    threads ask.
+
+    The forward runs on a scratch card as large as any shape needs, with ``card``'s
+    architecture (its kernels decide the workspaces), never on ``card`` itself: a shape is
+    traced to learn whether it fits, so it must be traceable when it does not, and a trace
+    must not move the card between slots. What a trace records is the same on any card:
+    the sizes in order, and which one each free releases."""
 
     def __init__(self, models: ResidentModels, card: SimulatedBackend) -> None:
         self._models = models
-        self._card = card
+        self._scratch = SimulatedBackend(SCRATCH_BYTES,
+                                         compute_capability=card.compute_capability)
         self._lock = threading.Lock()
         self._traces: dict[tuple[str, int], AllocationTrace] = {}
         self.seconds: dict[tuple[str, int], float] = {}  # what each trace cost to make
@@ -203,10 +218,18 @@ class StageTraces:
 
     def _record(self, stage: str, shape: SlotShape, key: tuple[str, int]) -> AllocationTrace:
         started = time.perf_counter()
-        with self._card.capture(record=True) as capture:
-            self._models.forward(stage, shape)
+        # What a forward leaves on its modules (weight-norm's weights) is put back as it was:
+        # made on the scratch card, it would take the card's copy with it when it replaced it.
+        kept = [(m.__dict__, name, t) for m in self._models.modules()
+                for name, t in list(m.__dict__.items()) if isinstance(t, torch.Tensor)]
+        try:
+            with self._scratch.capture(record=True) as capture:
+                self._models.forward(stage, shape)
+            trace = capture.trace()
+        finally:
+            for attrs, name, tensor in kept:
+                attrs[name] = tensor
         self.seconds[key] = elapsed = time.perf_counter() - started
-        trace = capture.trace()
         logger.info("traced %s at %s: %d allocations, peak %.3fGB, in %.1f s (once)",
                     stage, shape.describe(), trace.allocations, trace.peak_bytes() / 1e9,
                     elapsed)

@@ -2,6 +2,7 @@
 
 from app.monitor.admission import MIN_SCALE
 from app.monitor.monitor import VRAMMonitor
+from app.monitor.presets import SlotPreset, StagePlan
 from app.monitor.records import (
     Admission,
     CleanupAttempt,
@@ -28,6 +29,8 @@ __all__ = [
     "ModelRecord",
     "MonitorCounters",
     "PreflightResult",
+    "SlotPreset",
+    "StagePlan",
     "VRAMMonitor",
     "VRAMSnapshot",
 ]

@@ -18,11 +18,12 @@ import logging
 import math
 from bisect import bisect_left, insort
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from app.monitor.placement import AllocatorModel, SlotVerdict
+from app.monitor.placement import LIMIT_BASES, AllocatorModel, SlotVerdict
+from app.monitor.presets import PresetVerdict, SlotPreset, checked_presets, failed_stage
 from app.monitor.records import Admission, CleanupAttempt, Forecast
 from app.monitor.refusals import RefusalLog
 from app.units import fmt_gb, fmt_pct, gb_figures
@@ -44,6 +45,7 @@ MIN_SCALE = 0.5
 # A skip that cannot move the forecast by the median shrinks its largest value by this: a
 # forecast twice too high lets the Director probe again after about seven skips.
 SKIP_SHRINK = 0.9
+_RESERVED = LIMIT_BASES.index("reserved")
 
 
 class SortedWindow:
@@ -164,8 +166,15 @@ class Admitter:
         self._cleanup_enabled = cleanup_enabled
         self._refusals = RefusalLog(backend.device)
 
-    def admit(self, slot: int | None) -> Admission:
+    def admit(self, slot: int | None,
+              presets: Sequence[SlotPreset] | None = None) -> Admission:
         """See ``VRAMMonitor.admit``."""
+        if presets is not None:
+            checked = checked_presets(presets)  # bad input raises before anything is done
+            try:
+                return self._rehearsed(slot, checked)
+            except Exception as exc:  # the backend: admitted on the forecast, as before
+                self._faults.failed("admit", exc)
         f = self._tracker.forecast()
         activation = f.activation_bytes
         try:
@@ -185,6 +194,90 @@ class Admitter:
             if isinstance(v, Admission):
                 return v
         return self._verdict(v, activation, s, slot)
+
+    # -- by rehearsal ----------------------------------------------------------------------
+
+    def _rehearsed(self, slot: int | None, presets: tuple[SlotPreset, ...]) -> Admission:
+        """The first preset, from the largest down, whose rehearsal fits. A preset that fits
+        only once the cache is released (reserved basis) has it released first; one cleanup
+        at most, after which the descent goes on from the card as the cleanup left it."""
+        f = self._tracker.forecast()
+        s = self._backend.sample()
+        cleaned: CleanupAttempt | None = None
+        first: PresetVerdict | None = None
+        for i, preset in enumerate(presets):
+            v = self._judge(preset, s, f, release=False)
+            if (not v.fits and cleaned is None and self._cleanup_enabled
+                    and self._basis_index == _RESERVED
+                    and self._judge(preset, s, f, release=True).fits):
+                cleaned = self._cleanup("admission", True)
+                if cleaned.result is not None:
+                    s = self._backend.sample()
+                    v = self._judge(preset, s, f, release=False)
+            first = first or v
+            if v.fits:
+                return self._decided(self._preset_admission(
+                    slot, presets, i, v, first, s, cleaned))
+        hard = self._model.hard_limit_bytes
+        usage = s[self._basis_index]
+        assert first is not None
+        return self._decided(Admission(
+            "refuse", first.peak_bytes, hard - first.peak_bytes, 0.0,
+            f"no preset fits: {_why_not(presets[0], first, hard)}; the smallest "
+            f"(scale {presets[-1].scale:g}) does not either", slot,
+            max(0, first.peak_bytes - usage), "rehearsal"), "rehearsal")
+
+    def _judge(self, preset: SlotPreset, s: AllocatorSample, f: Forecast, *,
+               release: bool) -> PresetVerdict:
+        """Rehearse the preset's traced stages; judge each untraced one by its forecast at
+        the preset's scale, as ``admit()`` judges a whole slot without presets."""
+        hard = self._model.hard_limit_bytes
+        traced = [(st.trace, st.repeats) for st in preset.stages
+                  if st.trace is not None and st.repeats]
+        untraced = tuple(st.name for st in preset.stages
+                         if st.trace is None and st.repeats)
+        r = None
+        peak, failed = s[self._basis_index], ""
+        if traced:
+            r = self._backend.rehearse(traced, hard_limit_bytes=hard,
+                                       basis=LIMIT_BASES[self._basis_index],
+                                       release_cache=release)
+            peak = max(peak, r.peak_reserved_bytes if self._basis_index == _RESERVED
+                       else r.peak_allocated_bytes)
+            bad = r.oom_at if r.oom_at is not None else r.over_hard_limit_at
+            if bad is not None:
+                failed = failed_stage(preset, bad)
+        if f.samples:
+            for name in untraced:
+                nominal = f.stage_bytes.get(name, f.activation_bytes)
+                v = self._model.slot(s, math.ceil(nominal * preset.scale),
+                                     cleanup_allowed=release)
+                peak = max(peak, v.peak_bytes)
+                if v.scale < 1.0 and not failed:
+                    failed = name
+        return PresetVerdict(not failed, peak, r, failed, untraced)
+
+    def _preset_admission(self, slot: int | None, presets: tuple[SlotPreset, ...], i: int,
+                          v: PresetVerdict, first: PresetVerdict, s: AllocatorSample,
+                          cleaned: CleanupAttempt | None) -> Admission:
+        hard = self._model.hard_limit_bytes
+        activation = max(0, v.peak_bytes - s[self._basis_index])
+        freed = cleaned.result.freed_bytes if cleaned and cleaned.result else 0
+        released = f" once {fmt_gb(freed)} of cache is released" if cleaned else ""
+        how = "rehearsed" + (f", {', '.join(v.untraced)} by forecast" if v.untraced else "")
+        if v.rehearsal is not None and v.rehearsal.ooms_absorbed:
+            how += (f"; {v.rehearsal.ooms_absorbed} workspace allocations the allocator "
+                    "cannot place, which the kernels go without")
+        peak = fmt_gb(v.peak_bytes)
+        if i == 0:
+            decision = "cleanup" if cleaned and cleaned.result else "admit"
+            return Admission(decision, v.peak_bytes, hard - v.peak_bytes, 1.0,
+                             f"the slot fits{released}: peak {peak} ({how})", slot,
+                             activation, "rehearsal")
+        return Admission(
+            "refuse", v.peak_bytes, hard - v.peak_bytes, presets[i].scale,
+            f"{_why_not(presets[0], first, hard)}; preset {presets[i].scale:g} fits"
+            f"{released}: peak {peak} ({how})", slot, activation, "rehearsal")
 
     def _after_cleanup(self, s: AllocatorSample, v: SlotVerdict, activation: int,
                        slot: int | None) -> SlotVerdict | Admission:
@@ -229,6 +322,21 @@ class Admitter:
                        extra={"vram_event": "admission", **a.to_dict(),
                               "device": self._backend.device})
         return a
+
+
+def _why_not(preset: SlotPreset, v: PresetVerdict, hard: int) -> str:
+    """Why the slot as asked does not fit, for the admission's reason."""
+    r = v.rehearsal
+    if r is not None and r.oom_at is not None:
+        return (f"the slot as asked would run out of memory in {v.failed_stage} (event "
+                f"{r.oom_at:,} of {r.events:,})")
+    if r is not None and r.over_hard_limit_at is not None and v.failed_stage:
+        peak, limit = gb_figures(v.peak_bytes, hard)
+        return (f"the slot as asked would cross hard_limit {limit} in {v.failed_stage} "
+                f"(event {r.over_hard_limit_at:,} of {r.events:,}; peak {peak})")
+    peak, limit = gb_figures(v.peak_bytes, hard)
+    return (f"the slot as asked does not fit in {v.failed_stage or 'its stages'} by its "
+            f"forecast (peak {peak} > hard_limit {limit})")
 
 
 def refusal_reason(v: SlotVerdict, activation: int, hard: int, s: AllocatorSample) -> str:

@@ -25,7 +25,7 @@ import math
 import numbers
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from app.backends.capture import AllocationTrace
     from app.backends.rehearsal import Plan, Rehearsal
     from app.config import Settings
+    from app.monitor.presets import SlotPreset
 
 logger = logging.getLogger(__name__)
 
@@ -318,18 +319,30 @@ class VRAMMonitor(MonitorViews):
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self, slot: int | None = None) -> Admission:
-        """Decide, before ``slot`` starts, whether its forecast peak fits under the hard limit.
+    def admit(self, slot: int | None = None, *,
+              presets: Sequence[SlotPreset] | None = None) -> Admission:
+        """Decide, before ``slot`` starts, whether it fits under the hard limit, and at which
+        size. See ``docs/admission.md``.
 
-        The forecast is a high quantile of the last slots' activation peaks (above the level
-        each started from) plus a margin: see ``docs/admission.md``. From one allocator read:
-        ``admit`` when the forecast peak fits; ``cleanup`` when it fits only once the allocator
-        cache is released (on the reserved basis), released before this returns; ``refuse``
+        With ``presets`` (the slot at each size a Director can run it, the largest first at
+        scale 1.0, each stage with its traced forward: ``SlotPreset``/``StagePlan``), by
+        rehearsal: each preset from the largest down is replayed on a copy of the allocator
+        as it is (``rehearse``), and the first that fits is taken: ``admit`` (or ``cleanup``)
+        when the slot as asked fits, ``refuse`` with ``activation_scale`` the chosen preset's
+        scale when only a smaller one does, and 0.0 when none does. A stage without a trace
+        is judged by its forecast at the preset's scale. Milliseconds: once per slot.
+
+        Without, by forecast: a high quantile of the last slots' activation peaks (above the
+        level each started from) plus a margin, from one allocator read: ``admit`` when the
+        forecast peak fits; ``cleanup`` when it fits only once the allocator cache is
+        released (on the reserved basis), released before this returns; ``refuse``
         otherwise, with ``activation_scale`` the share of the forecast activation that fits.
-        With no history yet it admits, with the forecast peak at current usage. Fails open:
-        an unreadable backend admits.
+        With no history yet it admits, with the forecast peak at current usage.
+
+        Fails open: an unreadable backend admits (a failed rehearsal falls back to the
+        forecast). Malformed ``presets`` are a ``TypeError``/``ValueError`` naming them.
         """
-        return self._admitter.admit(slot)
+        return self._admitter.admit(slot, presets)
 
     def rehearse(self, trace: AllocationTrace | Plan) -> Rehearsal:
         """What ``trace`` (or a slot's plan: (trace, repeats) pairs, each repeat a run of the

@@ -37,8 +37,8 @@ from app.backends.alloc_conf import (
     SMALL_SIZE,
     AllocatorSettings,
 )
+from app.backends.rehearsal import LIMIT_BASES
 
-LIMIT_BASES = ("allocated", "reserved")
 GB = 1_000_000_000
 
 

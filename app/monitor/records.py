@@ -385,6 +385,8 @@ class Admission:
     reason: str
     slot: int | None = None
     forecast_activation_bytes: int = 0
+    # "forecast": from the slots before; "rehearsal": the slot's presets replayed on a copy
+    method: str = "forecast"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""

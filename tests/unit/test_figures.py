@@ -156,7 +156,7 @@ def test_the_oom_text_keeps_the_allocator_s_units_and_says_so():
 
 def test_a_slot_degraded_to_99_6_percent_does_not_say_100(card, caplog, monkeypatch):
     monitor = VRAMMonitor(backend=card)
-    monkeypatch.setattr(monitor, "admit", lambda slot: Admission(
+    monkeypatch.setattr(monitor, "admit", lambda slot, presets=None: Admission(
         "refuse", HARD + MB, -MB, 0.996, "forecast peak over", slot))
     plan = SlotPlan((("flux", 100 * MB),), pressure=False)
     with caplog.at_level(logging.INFO, logger="app.demo"):

@@ -89,9 +89,15 @@ def test_a_pressure_slot_is_shrunk_through_its_batch_and_runs(director):
     rng = random.Random(0)
     plan = device.plan(rng, 1)  # every slot a pressure slot: twice the frames per batch
     assert plan.pressure and plan.shape.batch == 2 * FULL_BATCH
+    ooms = card.sample().num_ooms
     result = run_slot(monitor, device, 100, plan)
-    assert result.outcome == "degraded"
-    assert card.sample().num_ooms == 0
+    assert result.outcome == "degraded" and 0.5 <= result.scale < 1.0
+    # Rehearsed: the slot as asked would run out of memory in LivePortrait's batches; the
+    # preset taken fits, though its batches run without a convolution's workspace (cuDNN
+    # goes on without: an OOM the allocator counts, none that reaches the slot).
+    assert "run out of memory in liveportrait" in result.admission.reason
+    record = monitor.recent_generations()[-1]
+    assert card.sample().num_ooms - ooms == record.ooms_absorbed
 
 
 def test_the_cards_replay_is_replay_per_call_on_a_real_trace(director):

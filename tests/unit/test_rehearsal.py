@@ -64,6 +64,7 @@ def by_hand(card: SimulatedBackend, plan, hard: int, basis: str) -> tuple:
     index, peak_a, peak_r = 0, s.allocated_bytes, s.reserved_bytes
     over = 0 if usage(s) > hard else None
     oom = None
+    absorbed = 0
     for trace, repeats in plan:
         for _ in range(repeats):
             handles: list[int | None] = []
@@ -77,6 +78,7 @@ def by_hand(card: SimulatedBackend, plan, hard: int, basis: str) -> tuple:
                                 oom = index
                                 break
                             handles.append(None)
+                            absorbed += 1
                             index += 1
                             continue
                         s = card.sample()
@@ -96,13 +98,13 @@ def by_hand(card: SimulatedBackend, plan, hard: int, basis: str) -> tuple:
                     if h is not None:
                         card.free(h)
             if oom is not None:
-                return (False, peak_a, peak_r, oom, over)
-    return (over is None, peak_a, peak_r, None, over)
+                return (False, peak_a, peak_r, oom, over, absorbed)
+    return (over is None, peak_a, peak_r, None, over, absorbed)
 
 
 def figures(r: Rehearsal) -> tuple:
     return (r.fits, r.peak_allocated_bytes, r.peak_reserved_bytes, r.oom_at,
-            r.over_hard_limit_at)
+            r.over_hard_limit_at, r.ooms_absorbed)
 
 
 @pytest.mark.parametrize("conf", SETTINGS)
@@ -118,16 +120,61 @@ def test_a_rehearsal_equals_doing_it_and_a_twin_rehearses_as_the_card(conf):
                 (random_trace(rng, 150), 2)]
         hard = int(rng.uniform(9.0, 12.0) * GB)
         basis = rng.choice(["allocated", "reserved"])
+        release = trial % 4 == 3  # as it would be once the cache is released
         before = (card.memory_stats(), card.memory_snapshot()["segments"])
-        rehearsed = card.rehearse(plan, hard_limit_bytes=hard, basis=basis)
+        rehearsed = card.rehearse(plan, hard_limit_bytes=hard, basis=basis,
+                                  release_cache=release)
         assert (card.memory_stats(), card.memory_snapshot()["segments"]) == before
         twin = twin_of(card.memory_snapshot())
-        on_twin = twin.rehearse(plan, hard_limit_bytes=hard, basis=basis)
+        on_twin = twin.rehearse(plan, hard_limit_bytes=hard, basis=basis,
+                                release_cache=release)
+        if release:
+            card.empty_cache()
         done = by_hand(card, plan, hard, basis)
         assert figures(rehearsed) == done, (trial, basis)
         assert figures(on_twin) == done, (trial, basis)
         outcomes.add("fits" if done[0] else "oom" if done[3] is not None else "over")
     assert outcomes == {"fits", "oom", "over"}  # every answer was met
+
+
+def test_a_workspace_the_card_cannot_place_is_gone_without_and_counted():
+    """cuDNN asks for a convolution's workspace after its output and runs without it when the
+    allocator refuses: the allocator counts an OOM, the forward goes on. A rehearsal fits
+    then, and says how many it absorbed, as running it does."""
+    trace = captured_trace(512)
+    seen = set()
+    for room_mb in range(2, 600, 4):
+        card = SimulatedBackend(2 * GB, alloc_conf="")
+        card.allocate((2 * GB >> 21 << 21) - (room_mb << 20))
+        r = card.rehearse(trace, hard_limit_bytes=2 * GB)
+        ooms = card.sample().num_ooms
+        assert figures(r) == by_hand(card, [(trace, 1)], 2 * GB, "allocated")
+        assert card.sample().num_ooms - ooms == r.ooms_absorbed + (r.oom_at is not None)
+        seen.add("absorbed" if r.fits and r.ooms_absorbed else
+                 "fits" if r.fits else "oom")
+    assert seen == {"fits", "absorbed", "oom"}
+
+
+def test_the_cards_fast_replay_counts_and_tells_every_repeats_absorbed_oom():
+    """A replay that reaches a fixed point skips the later runs; their workspace OOMs happen
+    all the same, in the counters and to the observers, as calling it per event shows."""
+    from app.models.workload import replay
+
+    trace = captured_trace(512)
+    cards, told = [], []
+    for _ in range(2):
+        card = SimulatedBackend(2 * GB, alloc_conf="")
+        card.allocate((2 * GB >> 21 << 21) - (110 << 20))  # room for all but a workspace
+        calls: list[tuple] = []
+        card.attach_out_of_memory_observer(lambda *a, calls=calls: calls.append(a))
+        cards.append(card)
+        told.append(calls)
+    fast, slow = cards
+    fast.replay(trace, 6)
+    replay(trace, slow.allocate, slow.free, 6)
+    assert fast.memory_stats() == slow.memory_stats()
+    assert fast.allocator_oom_events() == slow.allocator_oom_events() >= 6
+    assert told[0] == told[1] and len(told[0]) == fast.allocator_oom_events()
 
 
 def test_a_twin_counts_what_the_card_holds():

@@ -84,6 +84,17 @@ class CachingAllocator(_ExpandableSegments):
         self._oom_pending: list[tuple[int, int, int, int]] = []
         self._oom_events = 0
 
+    def _dispose(self) -> None:
+        """Unlink every block and segment: a copy thrown away after a rehearsal is freed the
+        moment it is dropped, instead of waiting as cycles for the collector, whose full pass
+        over a process holding the models costs a slot's rehearsal several times over."""
+        for block in self._blocks.values():
+            block.prev = block.next = block.segment = None  # type: ignore[assignment]
+        for seg in self._segments.values():
+            seg.head = None
+        self._blocks.clear()
+        self._segments.clear()
+
     def _copy_state_into(self, other: CachingAllocator) -> dict[int, _Block]:
         """Make ``other`` (new, same card and settings) hold this allocator's state: every
         segment and block at its address, the free sets, the stats and counters, the cap.
