@@ -118,6 +118,54 @@ class AllocationTrace:
                                            strict=True):
             yield name, self.events[start:end]
 
+    FORMAT = "vortex-vram allocation trace"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trace as JSON can hold it (``from_dict`` reads it back): what
+        ``vortex-vram whatif --trace`` takes."""
+        return {"format": self.FORMAT, "version": 1, "events": list(self.events),
+                "marks": [[name, at] for name, at in self.marks],
+                "optional": sorted(self.optional)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> AllocationTrace:
+        """A trace from ``to_dict``'s form, checked: every free names an allocation made
+        before it and not freed yet, marks and optional allocations are in range. A
+        ``ValueError`` says what is wrong, with the index of the event."""
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"not a {cls.FORMAT} (its \"format\" field says what it is)")
+        if data.get("version") != 1:
+            raise ValueError(f"version {data.get('version')!r} of the trace format is not "
+                             "known here (1 is)")
+        events = data.get("events")
+        if not isinstance(events, list):
+            raise ValueError("\"events\" must be a list of integers")
+        made = 0
+        freed: set[int] = set()
+        for i, e in enumerate(events):
+            if isinstance(e, bool) or not isinstance(e, int):
+                raise ValueError(f"events[{i}] must be an integer, got {e!r:.40}")
+            if e >= 0:
+                made += 1
+            elif ~e >= made or ~e in freed:
+                raise ValueError(f"events[{i}] frees allocation {~e}, which "
+                                 + ("is freed already" if ~e in freed else "is not made yet"))
+            else:
+                freed.add(~e)
+        marks = data.get("marks", [])
+        optional = data.get("optional", [])
+        if not isinstance(marks, list) or not all(
+                isinstance(m, list) and len(m) == 2 and isinstance(m[0], str)
+                and isinstance(m[1], int) and not isinstance(m[1], bool)
+                and 0 <= m[1] <= len(events) for m in marks):
+            raise ValueError("\"marks\" must be a list of [name, event index] pairs")
+        if not isinstance(optional, list) or not all(
+                isinstance(o, int) and not isinstance(o, bool) and 0 <= o < made
+                for o in optional):
+            raise ValueError("\"optional\" must list allocation indices of the trace")
+        return cls(tuple(events), tuple((name, at) for name, at in marks),
+                   frozenset(optional))
+
     def peak_bytes(self) -> int:
         """The most requested bytes live at once over the trace (before the allocator's
         rounding)."""

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     UNAUTHORIZED = 4  # 401: no token, or the wrong one
     COOLING_DOWN = 5  # 429: a cleanup within the cooldown, a memory snapshot within 5 s
     BACKEND_UNAVAILABLE = 6  # 503: the Director cannot read its GPU
+    DOES_NOT_FIT = 7  # whatif: the request or trace would not fit
 
 
 EPILOG = """\
@@ -30,6 +31,7 @@ exit codes:
   5  cooling down (429): a cleanup ran recently, or a memory snapshot was taken
      within 5 s (dump, frag); the line says when to retry
   6  VRAM backend unavailable (503): the Director cannot read its GPU
+  7  whatif: the request or the trace would not fit
 
 environment: VORTEX_HOST, VORTEX_PORT (the default --url; 0.0.0.0 and :: mean loopback),
 VORTEX_TOKEN_FILE, VORTEX_TOKEN (the bearer token for cleanup, dump and frag, after

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from app.cli import pinning
+from app.cli import pinning, whatif
 from app.cli.client import Answer, ControlPlaneClient, default_url, read_token
 from app.cli.errors import EPILOG, CliError, ExitCode, raise_for_answer
 from app.cli.render import fragmentation_line, models_table, status_view
@@ -87,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "quits.")
     top.add_argument("--interval", type=_positive, default=1.0, metavar="S",
                      help="seconds between refreshes (default 1)")
+    whatif = sub.add_parser(
+        "whatif", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="would a request or a traced forward fit the card a dump was taken of?",
+        description="Load a snapshot saved by `vortex-vram dump` (or its JSON) into a twin "
+        "of the allocator, on this machine, and replay a request or a trace on it: whether "
+        "it fits, where it would run out of memory, the peaks, and when it does not fit "
+        "what pins the memory in the way. The Director is not contacted. Exit 0: fits; "
+        "7: does not.")
+    whatif.add_argument("dump", metavar="DUMP", help="the snapshot file (pickle or JSON)")
+    what = whatif.add_mutually_exclusive_group(required=True)
+    what.add_argument("--request", type=_size, metavar="SIZE",
+                      help="one allocation: 1.5GB (10^9 bytes), 1500MB, 2GiB or bytes")
+    what.add_argument("--trace", metavar="FILE",
+                      help="an allocation trace as JSON (AllocationTrace.to_dict()): a "
+                      "forward pass captured with capture(record=True)")
+    whatif.add_argument("--repeats", type=_count, default=1, metavar="N",
+                        help="run the trace N times, one after another (default 1)")
+    whatif.add_argument("--hard-limit", type=_size, metavar="SIZE",
+                        help="also refuse a peak past this (default: only what the "
+                        "allocator cannot place)")
+    whatif.add_argument("--basis", choices=("allocated", "reserved"), default="allocated",
+                        help="what --hard-limit applies to (default allocated)")
     return ap
 
 
@@ -96,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     timeout = getattr(args, "timeout", None) or _default_timeout(args.command)
     console = Console(highlight=False)
     try:
+        if args.command == "whatif":  # local: a file in, no Director
+            return whatif.run(args, lambda line: console.print(
+                line, soft_wrap=True, markup=False, highlight=False))
         token = read_token(getattr(args, "token_file", None)) if args.command in _TOKEN \
             else None
         with ControlPlaneClient(url, token=token, timeout=timeout) as client:
@@ -106,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         # A field of the wrong type in an answer (a string where bytes go, a list where an
         # object goes): the renderers trust the control plane's schema, and this is not it.
-        print(f"{PROG}: error: the answer is not what the control plane sends "
-              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        what = ("the snapshot is not what `vortex-vram dump` saves" if args.command == "whatif"
+                else "the answer is not what the control plane sends")
+        print(f"{PROG}: error: {what} ({type(exc).__name__}: {exc})", file=sys.stderr)
         return ExitCode.ERROR
     except KeyboardInterrupt:
         return 130
@@ -249,6 +275,23 @@ def _default_timeout(command: str) -> float:
             wait = 10.0
         return (wait if 0 <= wait < 3600 else 10.0) + 5.0
     return 5.0
+
+
+def _size(text: str) -> int:
+    try:
+        return whatif.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"from 1 to 1,000,000, got {text}")
+    return value
 
 
 def _positive(text: str) -> float:

@@ -42,6 +42,8 @@ MODELS = (
     ModelSpec("clip_l", 0.6, (0.003, 0.015), 0.05),
 )
 STAGE_SECONDS = {m.name: m.stage_s for m in MODELS}
+# The sizes a synthetic slot can be run at, as the real models' presets (app/models/workload.py)
+PRESET_SCALES = (1.0, 0.85, 0.7, 0.6, 0.5)
 
 
 class Device(Protocol):
@@ -74,9 +76,22 @@ class _ActivationStages:
     def plan(self, rng: random.Random, pressure_every: int) -> SlotPlan:
         return plan_slot(rng, pressure_every)
 
+    # A synthetic stage has no forward to trace: admission forecasts, unless told that the
+    # plan's bytes are the stage (``sized_presets``).
+    sized_presets = False
+
     def presets(self, plan: SlotPlan) -> Sequence[SlotPreset] | None:
-        """None: a synthetic stage has no forward to trace, so admission forecasts."""
-        return None
+        """None; with ``sized_presets``, the stage as one activation of the bytes its plan
+        says, at each of :data:`PRESET_SCALES` of the slot: what a Director that knows each
+        stage's size, though it has no traced forward, can hand admission."""
+        if not self.sized_presets:
+            return None
+        from app.backends.capture import AllocationTrace
+        from app.monitor import SlotPreset, StagePlan
+
+        return tuple(SlotPreset(scale, tuple(
+            StagePlan(stage, AllocationTrace((int(nbytes * scale), ~0)))
+            for stage, nbytes in plan.stages)) for scale in PRESET_SCALES)
 
 
 class SimulatedDevice(_ActivationStages):

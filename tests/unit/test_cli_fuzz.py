@@ -118,3 +118,47 @@ def test_top_renders_any_answer_or_fails_as_main_reports(snapshots, models):
             console.print(top_view(feed, console, 1.0, keys=True))
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError):
         pass  # what main() reports as "the answer is not what the control plane sends"
+
+
+def _memory_snapshot() -> dict:
+    card = SimulatedBackend(2 * 10**9, context_bytes=10**8)
+    kept = [card.allocate(n) for n in (300 * 10**6, 5 << 20, 4096, 60 * 10**6)]
+    card.free(kept[3])  # a cached segment
+    card.free(card.allocate(3 << 20))
+    return json.loads(json.dumps(card.memory_snapshot(), default=list))
+
+
+MEMORY_SNAPSHOT = _memory_snapshot()
+_SEGMENT = MEMORY_SNAPSHOT["segments"][0]
+_BLOCK = _SEGMENT["blocks"][0]
+dumps = st.one_of(
+    anything, mutated(MEMORY_SNAPSHOT),
+    st.builds(lambda seg: {**MEMORY_SNAPSHOT, "segments": [seg, *MEMORY_SNAPSHOT["segments"]]},
+              mutated(_SEGMENT)),
+    st.builds(lambda block: {**MEMORY_SNAPSHOT, "segments": [
+        {**_SEGMENT, "blocks": [block, *_SEGMENT["blocks"][1:]]},
+        *MEMORY_SNAPSHOT["segments"][1:]]}, mutated(_BLOCK)))
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dump=dumps, request=st.sampled_from(["1MB", "100MB", "1.5GB"]))
+def test_whatif_on_any_dump_answers_or_says_why_in_one_line(tmp_path, capsys, dump, request):
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps(dump))
+    code = cli.main(["whatif", str(path), "--request", request])
+    out, err = capsys.readouterr()
+    assert code in list(ExitCode)
+    assert "Traceback" not in out + err
+    if code not in (ExitCode.OK, ExitCode.DOES_NOT_FIT):
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_whatif_on_the_unmutated_dump_answers():
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(MEMORY_SNAPSHOT, f)
+        f.flush()
+        assert cli.main(["whatif", f.name, "--request", "100MB"]) == ExitCode.OK
+        assert cli.main(["whatif", f.name, "--request", "1.9GB"]) == ExitCode.DOES_NOT_FIT
