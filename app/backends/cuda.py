@@ -30,8 +30,8 @@ from app.backends.base import (
     DeviceTelemetry,
 )
 from app.backends.cuda_view import Bases, CacheView
-from app.backends.rehearsal import AnswerCache, Plan, Rehearsal, as_plan, rehearse_on
-from app.backends.twin import twin_of
+from app.backends.rehearsal import AnswerCache, Plan, Rehearsal, as_plan
+from app.backends.twin import rehearse_twins, twins_of
 from app.errors import VortexInitializationError
 
 if TYPE_CHECKING:
@@ -309,10 +309,7 @@ class CudaBackend:
     def _take_view(self, key: tuple[int, ...], stats: dict[str, Any]) -> CacheView:
         segments = torch.cuda.memory._snapshot(self._index)["segments"]  # type: ignore[attr-defined]
         self.snapshots_taken += 1
-        if not self._unmapped_ever and not stats.get("num_device_free", 0):
-            # Nothing was ever given back: each expandable segment is one range from its start.
-            self._bases.learn(s for s in segments if int(s.get("device", self._index))
-                              == self._index)
+        self._learn_bases(stats, segments)
         view = CacheView(segments, key, time.monotonic(), device=self._index,
                          stream=self._current_stream(), settings=self._settings,
                          bases=self._bases)
@@ -400,12 +397,8 @@ class CudaBackend:
             answer = self._answers.get(key)
         if answer is not None:
             return answer
-        twin = self.twin()
-        try:
-            answer = rehearse_on(twin, plan, hard_limit_bytes, basis,
-                                 release_cache=release_cache)
-        finally:
-            twin._dispose()
+        answer = rehearse_twins(self._twins(), plan, hard_limit_bytes, basis,
+                                release_cache=release_cache)
         with self._view_lock:
             self._answers.put(key, answer, plan)
         return answer
@@ -413,10 +406,26 @@ class CudaBackend:
     def twin(self) -> Any:
         """A simulated card holding this allocator's state now (a snapshot, ~0.4 ms on an
         H200, and its blocks rebuilt)."""
+        return self._twins()[0]
+
+    def _twins(self) -> list[Any]:
+        """The twin, and a second where an expandable segment's start is not known yet
+        (app/backends/twin.py)."""
+        stats = self._read_stats()
         snapshot = torch.cuda.memory._snapshot(self._index)  # type: ignore[attr-defined]
         self.snapshots_taken += 1
-        return twin_of(snapshot, self._twin_facts(),
-                       int(self._read_stats()["reserved_bytes"]["all"]["current"]))
+        self._learn_bases(stats, snapshot["segments"])
+        return twins_of(snapshot, self._twin_facts(),
+                        int(stats["reserved_bytes"]["all"]["current"]))
+
+    def _learn_bases(self, stats: dict[str, Any], segments: list[dict[str, Any]]) -> None:
+        """Nothing was ever given back: each expandable segment is one range from its start.
+        Learnt from every snapshot the backend takes until then (a view, a rehearsal, and
+        one taken just before its own first ``empty_cache``), so that a twin knows where
+        each segment starts (app/backends/twin.py)."""
+        if not self._unmapped_ever and not stats.get("num_device_free", 0):
+            self._bases.learn(s for s in segments if int(s.get("device", self._index))
+                              == self._index)
 
     def memory_summary(self) -> str:
         return torch.cuda.memory_summary(self._index)
@@ -425,6 +434,12 @@ class CudaBackend:
         return self._nvml.read()
 
     def empty_cache(self) -> None:
+        if self.allocator_settings.expandable_segments and not self._unmapped_ever:
+            stats = self._read_stats()  # the last moment a segment's start can be seen
+            if not stats.get("num_device_free", 0) and stats["segment"]["all"]["current"]:
+                self._learn_bases(stats, torch.cuda.memory._snapshot(  # type: ignore[attr-defined]
+                    self._index)["segments"])
+                self.snapshots_taken += 1
         with torch.cuda.device(self._index):
             torch.cuda.empty_cache()
 

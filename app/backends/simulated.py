@@ -128,6 +128,7 @@ class SimulatedBackend(CachingAllocator):
         self.compute_capability = tuple(compute_capability)
         self._cublas: int | None = None
         self._answers = AnswerCache()  # rehearse(): answers by layout and plan
+        self._unknown_starts = False  # a twin guessing an expandable segment's start
 
     def clone(self) -> SimulatedBackend:
         """An independent copy of the card as it is now: same settings, cap, segments, blocks
@@ -156,7 +157,8 @@ class SimulatedBackend(CachingAllocator):
                       context_bytes: int = 0, alloc_conf: str | None = None,
                       device: int = 0, stream: int = 0,
                       segment_starts: Mapping[tuple[int, str], int] | None = None,
-                      device_total_bytes: int | None = None) -> SimulatedBackend:
+                      device_total_bytes: int | None = None,
+                      unknown_start: str = "first") -> SimulatedBackend:
         """A twin of the allocator a snapshot was taken of (``torch.cuda.memory._snapshot()``
         or ``memory_snapshot()``): its segments and blocks at their addresses, the counters
         they add up to, the settings (``alloc_conf``, else the snapshot's
@@ -166,9 +168,11 @@ class SimulatedBackend(CachingAllocator):
         segments count as held elsewhere. ``segment_starts``: where each expandable segment
         starts, by (stream, "small_pool" / "large_pool"), where known; ``device_total_bytes``:
         the GPU's memory, which sizes an expandable segment's address space (default
-        ``total_bytes``). What a snapshot cannot say, and how the twin errs on the side of
-        "does not fit" there: app/backends/twin.py. Rehearsing on a twin of this card
-        (with its segment starts) is rehearsing on this card."""
+        ``total_bytes``); ``unknown_start``: how to read an expandable segment whose start
+        is not given ("first": at its first range; "before": all its unknown address space
+        before it). What a snapshot cannot say, and how rehearsals on twins of both readings
+        take the worse: app/backends/twin.py. Rehearsing on a twin of this card (with its
+        segment starts) is rehearsing on this card."""
         from app.backends import twin
 
         settings = twin.settings_of(snapshot, alloc_conf)
@@ -176,7 +180,8 @@ class SimulatedBackend(CachingAllocator):
         card._settings = settings
         twin.build(card, snapshot, device=device, stream=stream,
                    segment_starts=segment_starts,
-                   device_total_bytes=device_total_bytes or total_bytes)
+                   device_total_bytes=device_total_bytes or total_bytes,
+                   unknown_start=unknown_start)
         return card
 
     def rehearse(self, trace: AllocationTrace | Plan, *, hard_limit_bytes: int,

@@ -14,11 +14,15 @@ three things it does not show:
   around it. Ranges of one stream and pool are taken as one segment (torch makes a second only
   when the first has no address space left). Its start is known where the caller knows it
   (``segment_starts``: CudaBackend learns it from a snapshot taken before anything was
-  unmapped); then every gap is known, and the twin places a request as the card would. Not
-  knowing it, the twin puts all of the segment's unknown address space before the first range
-  (a gap a request would take first, with no free block to grow) and none after the last:
-  a request there maps its whole pages, never fewer than on the card. The twin errs towards
-  "does not fit", never towards an escape.
+  unmapped, as a Director's first one once its models are in); then every gap is known, and
+  the twin places a request as the card would. Not knowing it, there are two readings, and
+  ``twins_of`` makes a twin of each: the segment starts at its first range (true unless its
+  lowest pages were unmapped: a model resident at the bottom of the pool keeps them), or all
+  of its unknown address space lies before the first range (true when the lowest pages were
+  unmapped and the segment's tail is spent). A rehearsal on both answers the worse of the two
+  (``worst``): "fits" only if both fit, the earlier OOM, the higher peaks. Where the truth
+  lies between them no reading is sure; benchmarks/twin_fidelity.py measures how often the
+  answer differs (docs/admission.md).
 * **Other streams and CUDA graphs' pools.** Their blocks are never handed to this stream's
   requests; the twin counts their segments as memory held elsewhere, which no release gives
   back (empty_cache would return other streams' whole free segments: conservative again).
@@ -42,6 +46,7 @@ from app.backends.allocator.blocks import _Block, _round_up, _Segment
 from app.backends.cuda_view import pool_id
 
 if TYPE_CHECKING:
+    from app.backends.rehearsal import Rehearsal
     from app.backends.simulated import SimulatedBackend
 
 _ALIGN = 2 << 20
@@ -56,10 +61,17 @@ def settings_of(snapshot: Mapping[str, Any], alloc_conf: str | None) -> Allocato
     return settings_from_environment()
 
 
+UNKNOWN_STARTS = ("first", "before")
+
+
 def build(card: SimulatedBackend, snapshot: Mapping[str, Any], *, device: int, stream: int,
           segment_starts: Mapping[tuple[int, str], int] | None,
-          device_total_bytes: int) -> None:
-    """Fill ``card`` (new, empty, its settings set) with the snapshot's segments."""
+          device_total_bytes: int, unknown_start: str = "first") -> None:
+    """Fill ``card`` (new, empty, its settings set) with the snapshot's segments;
+    ``unknown_start``: the reading of an expandable segment whose start is not given."""
+    if unknown_start not in UNKNOWN_STARTS:
+        raise ValueError(f"unknown_start must be one of {UNKNOWN_STARTS}, got "
+                         f"{unknown_start!r}")
     segments = snapshot.get("segments")
     if not isinstance(segments, list):
         raise ValueError("an allocator snapshot has a 'segments' list")
@@ -88,7 +100,7 @@ def build(card: SimulatedBackend, snapshot: Mapping[str, Any], *, device: int, s
         if ranges:
             start = (segment_starts or {}).get((stream, f"{kind}_pool"))
             top = max(top, _expandable_segment(card, ranges, kind == "small", start,
-                                               device_total_bytes))
+                                               device_total_bytes, unknown_start))
     card._next_address = max(card._next_address, _round_up(top, _ALIGN))
     for arr in card._stats.values():  # a snapshot has no history: peaks at the levels
         for stat in arr:
@@ -150,15 +162,29 @@ def _fixed_segment(card: SimulatedBackend, info: Mapping[str, Any], small: bool)
             card._free_add(pool, b)
 
 
-def _expandable_segment(card: SimulatedBackend, ranges: list[dict[str, Any]], small: bool,
-                        start: int | None, device_total_bytes: int) -> int:
-    """One segment of the pool's mapped ranges; its end address."""
-    page = card._settings.page_bytes(small)
-    span = _round_up(device_total_bytes + device_total_bytes // 8, page)
+def _known_start(start: int | None, ranges: list[dict[str, Any]], span: int) -> bool:
     first = ranges[0]["address"]
     end = ranges[-1]["address"] + ranges[-1]["total_size"]
-    if start is None or start > first or start + span < end:
-        start = end - span  # unknown: all the unknown address space before the first range
+    return start is not None and start <= first and start + span >= end
+
+
+def _span(card: SimulatedBackend, small: bool, device_total_bytes: int) -> int:
+    """An expandable segment's address space: torch reserves 1.125 times the device."""
+    page = card._settings.page_bytes(small)
+    return _round_up(device_total_bytes + device_total_bytes // 8, page)
+
+
+def _expandable_segment(card: SimulatedBackend, ranges: list[dict[str, Any]], small: bool,
+                        start: int | None, device_total_bytes: int,
+                        unknown_start: str) -> int:
+    """One segment of the pool's mapped ranges; its end address."""
+    page = card._settings.page_bytes(small)
+    span = _span(card, small, device_total_bytes)
+    first = ranges[0]["address"]
+    end = ranges[-1]["address"] + ranges[-1]["total_size"]
+    if not _known_start(start, ranges, span):
+        card._unknown_starts = True
+        start = first if unknown_start == "first" else end - span
     seg = _Segment(start, span, small, expandable=True, page=page)
     card._segments[seg.address] = seg
     pool = card._small if small else card._large
@@ -184,13 +210,60 @@ def _expandable_segment(card: SimulatedBackend, ranges: list[dict[str, Any]], sm
     return start + span
 
 
+def twins_of(snapshot: Mapping[str, Any], facts: Mapping[str, Any] | None = None,
+             reserved: int | None = None) -> list[SimulatedBackend]:
+    """``twin_of``, and where an expandable segment's start is not known a second twin of the
+    other reading (module docstring): rehearse on each and take ``worst``."""
+    twins = [twin_of(snapshot, facts, reserved)]
+    if twins[0]._unknown_starts:
+        twins.append(twin_of(snapshot, facts, reserved, unknown_start="before"))
+    return twins
+
+
+def rehearse_twins(twins: list[SimulatedBackend], plan: Any, hard_limit_bytes: int,
+                   basis: str = "allocated", *, release_cache: bool = False) -> Rehearsal:
+    """``plan`` rehearsed on each twin (which it uses up), the worse answer of each."""
+    from app.backends.rehearsal import as_plan, rehearse_on
+
+    plan = as_plan(plan)
+    answers = []
+    for card in twins:
+        try:
+            answers.append(rehearse_on(card, plan, hard_limit_bytes, basis,
+                                       release_cache=release_cache))
+        finally:
+            card._dispose()
+    return worst(answers)
+
+
+def worst(answers: list[Rehearsal]) -> Rehearsal:
+    """One answer from the rehearsals of one plan on several twins: the worse of each."""
+    if len(answers) == 1:
+        return answers[0]
+
+    def first(xs: list[int | None]) -> int | None:
+        known = [x for x in xs if x is not None]
+        return min(known) if known else None
+
+    return answers[0]._replace(
+        fits=all(a.fits for a in answers),
+        peak_allocated_bytes=max(a.peak_allocated_bytes for a in answers),
+        peak_reserved_bytes=max(a.peak_reserved_bytes for a in answers),
+        oom_at=first([a.oom_at for a in answers]),
+        over_hard_limit_at=first([a.over_hard_limit_at for a in answers]),
+        replayed_events=sum(a.replayed_events for a in answers),
+        ooms_absorbed=max(a.ooms_absorbed for a in answers))
+
+
 def twin_of(snapshot: Mapping[str, Any], facts: Mapping[str, Any] | None = None,
-            reserved: int | None = None) -> SimulatedBackend:
+            reserved: int | None = None, *, unknown_start: str = "first") -> SimulatedBackend:
     """A twin from a snapshot and the facts a backend's ``memory_snapshot`` adds (in the
     snapshot itself unless ``facts`` is given): the whole device, what others hold of it (all
     it has that is neither free nor this allocator's), the cap, the stream, the expandable
     segments' starts. ``reserved``: the allocator's reserved bytes when the device was read
-    (default: the snapshot's segments of every stream and pool, added up)."""
+    (default: the snapshot's segments of every stream and pool, added up). An expandable
+    segment whose start is not given is read as ``unknown_start`` says (module docstring;
+    ``twins_of`` makes both)."""
     from app.backends.simulated import SimulatedBackend
 
     facts = snapshot if facts is None else facts
@@ -208,7 +281,8 @@ def twin_of(snapshot: Mapping[str, Any], facts: Mapping[str, Any] | None = None,
     card = SimulatedBackend.from_snapshot(
         {**snapshot, "allocator_settings": facts["allocator_settings"]}, total,
         context_bytes=min(context, total - 1), device=int(facts.get("device", 0)),
-        stream=int(facts.get("stream", 0)), segment_starts=starts, device_total_bytes=total)
+        stream=int(facts.get("stream", 0)), segment_starts=starts, device_total_bytes=total,
+        unknown_start=unknown_start)
     fraction = float(facts.get("memory_fraction", 1.0))
     if fraction < 1.0:
         card.set_per_process_memory_fraction(fraction)

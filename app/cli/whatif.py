@@ -93,10 +93,10 @@ def run(args: Any, print_line: Any) -> int:
     snap = load_snapshot(args.dump)
     trace = load_trace(args.trace) if args.trace else None
     from app.backends.capture import AllocationTrace
-    from app.backends.twin import twin_of
+    from app.backends.twin import rehearse_twins, twins_of
 
     try:
-        twin = twin_of(snap)
+        twins = twins_of(snap)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError,
             OverflowError) as exc:
         raise CliError(ExitCode.USAGE, f"{args.dump}: this snapshot cannot be rebuilt "
@@ -104,17 +104,20 @@ def run(args: Any, print_line: Any) -> int:
     if trace is None:
         trace = AllocationTrace((args.request,))
     repeats = args.repeats
+    twin = twins[0]
     before = twin.sample()
     state = twin.cache_state(args.request) if args.request else None
     limit = args.hard_limit if args.hard_limit is not None else 1 << 62
-    r = twin.rehearse([(trace, repeats)], hard_limit_bytes=limit, basis=args.basis)
     settings = twin.allocator_settings
     device = twin.device_memory(before)
+    room = twin.reservable_bytes() - before.reserved_bytes
+    r = rehearse_twins(twins, [(trace, repeats)], limit, args.basis)
     print_line(f"{args.dump}: {size(before.allocated_bytes)} allocated, "
                f"{size(before.reserved_bytes)} reserved of {size(device.total_bytes)} "
-               f"({size(twin.reservable_bytes() - before.reserved_bytes)} more can be "
-               f"reserved); expandable_segments "
-               f"{'on' if settings.expandable_segments else 'off'}")
+               f"({size(room)} more can be reserved); expandable_segments "
+               f"{'on' if settings.expandable_segments else 'off'}"
+               + ("; where its segments start is not in the dump: the worse of two readings"
+                  if len(twins) > 1 else ""))
     what = (f"a request of {size(args.request)}" if args.request else
             f"{args.trace}: {trace.allocations:,} allocations"
             + (f", run {repeats} times" if repeats != 1 else ""))

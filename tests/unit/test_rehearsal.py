@@ -7,6 +7,7 @@ twin built from the card's snapshot rehearses as the card does."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from app import CudaBackend, SimulatedBackend, VRAMMonitor
 from app.backends.capture import AllocationTrace
 from app.backends.rehearsal import Rehearsal
-from app.backends.twin import twin_of
+from app.backends.twin import rehearse_twins, twin_of, twins_of
 from tests.cuda_harness import GB, CardAsCuda, MiB, fragmented_walk
 
 SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:256,roundup_power2_divisions:4"]
@@ -190,25 +191,38 @@ def test_a_twin_counts_what_the_card_holds():
         assert twin.cache_state(0) == card.cache_state(0)
 
 
-def test_where_a_snapshot_cannot_say_the_twin_errs_towards_does_not_fit():
-    """Expandable segments: without the segment's start, all of its unknown address space is
-    taken to lie before its first range, where a request would map its whole pages: the twin
-    never says "fits" where the card would not, and refuses some that fit."""
+def test_where_a_snapshot_cannot_say_the_twins_of_both_readings_take_the_worse():
+    """Expandable segments: without a segment's start, one twin takes it to start at its
+    first range, another puts all its unknown address space before; the answer is the worse
+    of the two. Where the segment's lowest pages are still mapped (a model resident at the
+    bottom of the pool), the first reading is the card itself, so the worse of both never
+    says "fits" where the card would not, runs out of memory no later, and its peaks are
+    never lower; and some answers are worse than the card's, the price of not knowing.
+    (With the lowest pages unmapped neither reading is sure: benchmarks/twin_fidelity.py
+    measures it, docs/admission.md.)"""
     rng = random.Random(3)
-    refused_fits = 0
-    for _ in range(60):
+    seen = Counter()
+    for _ in range(80):
         card = SimulatedBackend(12 * GB, context_bytes=CONTEXT,
                                 alloc_conf="expandable_segments:True")
         fragmented_walk(card, rng, steps=(20, 150))
         snapshot = card.memory_snapshot()
         snapshot["expandable_segment_starts"] = []  # as a plain torch snapshot says
-        blind = twin_of(snapshot)
+        twins = twins_of(snapshot)
+        assert len(twins) == 2
         plan = [(random_trace(rng), 2)]
-        truth = card.rehearse(plan, hard_limit_bytes=100 * GB)
-        guess = blind.rehearse(plan, hard_limit_bytes=100 * GB)
+        hard = card.sample().allocated_bytes + int(rng.uniform(0.2, 2.0) * GB)
+        truth = card.rehearse(plan, hard_limit_bytes=hard)
+        assert twins[0].rehearse(plan, hard_limit_bytes=hard) == truth
+        guess = rehearse_twins(twins, plan, hard)
         assert truth.fits or not guess.fits
-        refused_fits += truth.fits and not guess.fits
-    assert refused_fits > 0  # the price of not knowing
+        if truth.oom_at is not None:
+            assert guess.oom_at is not None and guess.oom_at <= truth.oom_at
+        if guess.oom_at == truth.oom_at:
+            assert guess.peak_reserved_bytes >= truth.peak_reserved_bytes
+        seen["exact" if figures(guess) == figures(truth) else
+             "refused, fits" if truth.fits and not guess.fits else "other"] += 1
+    assert seen["exact"] and seen["refused, fits"] + seen["other"], seen  # some paid for
 
 
 def test_repeats_that_return_the_card_to_where_it_was_are_not_run_again():
