@@ -93,12 +93,13 @@ import torch
 
 from app import MemoryPressureError, SimulatedBackend, VRAMMonitor
 from app.backends import OutOfMemoryError
+from app.backends.capture import AllocationTrace
 from app.backends.factory import RTX_3060_BYTES, RTX_3060_CONTEXT_BYTES
 from app.demo.workload import MODELS
 from app.models import MODELS as MODEL_ARCHITECTURES
 from app.models import ModelsUnavailable, require
 from app.models.workload import SPEECH_S, STAGES, ResidentModels, SlotShape, StageTraces
-from app.monitor import Admission
+from app.monitor import Admission, SlotPreset, StagePlan
 from benchmarks._landed_guard import LandedGuard
 
 GB = 1_000_000_000
@@ -107,6 +108,10 @@ MiB = 1 << 20
 SOFT_GB, HARD_GB = 11.0, 11.5
 MIN_SCALE = 0.5  # below half size a slot is not worth running (app/demo/slots.py)
 GUARDS = ("naive", "landed", "new")
+# ``rehearsal``: VRAMMonitor admitting each slot by rehearsing its presets (issue 24); not in
+# the default set, whose report stays comparable run for run.
+ALL_GUARDS = (*GUARDS, "rehearsal")
+PRESETS = (1.0, 0.85, 0.7, 0.6, 0.5)  # app/models/workload.py's
 MODES = (False, True)  # expandable_segments
 WORKLOADS = ("synthetic", "models")
 
@@ -296,8 +301,11 @@ class Timer:
 class Director:
     """Runs the slots on one card under one guard and counts what happens."""
 
-    def __init__(self, guard: Any, card: SimulatedBackend, first_adapter: tuple[int, ...]):
+    def __init__(self, guard: Any, card: SimulatedBackend, first_adapter: tuple[int, ...],
+                 *, rehearse: bool = False):
         self.guard, self.card, self.timer = guard, card, Timer()
+        self.rehearse = rehearse  # admit by the slot's presets (the rehearsal guard)
+        self._rehearsed = False
         self.counts: Counter[str] = Counter()
         self._caches: list[tuple[int, int]] = []  # (slot it is freed before, handle)
         self._adapter = [card.allocate(n) for n in first_adapter]
@@ -307,9 +315,51 @@ class Director:
         self._free_caches(slot)
         if plan.lora is not None or self._pending_adapter is not None:
             self._swap_adapter(plan.lora or self._pending_adapter)
+        copy = self.card.clone()  # the card as the slot finds it, for the oracle
         outcome = self._slot(slot, plan)
         self.counts[outcome] += 1
+        if outcome in ("degraded", "skipped") and self._whole_fits(copy, slot, plan):
+            self.counts[f"needless_{outcome}"] += 1  # the slot as asked would have fit
+        copy._dispose()
         return outcome
+
+    def _whole_fits(self, copy: SimulatedBackend, slot: int, plan: SlotPlan) -> bool:
+        """The oracle: the slot at full size, its blocks and caches, on ``copy``: no OOM, and
+        allocated never past the hard limit."""
+        copy.reset_peak()
+        try:
+            for _, blocks in plan.stages:
+                for block in blocks:
+                    handle = copy.allocate(block.nbytes)
+                    for nbytes, _ in block.caches:
+                        copy.allocate(nbytes)
+                    copy.free(handle)
+        except OutOfMemoryError:
+            return False
+        return copy.memory_stats()["allocated_bytes.all.peak"] <= int(HARD_GB * GB)
+
+    def presets(self, slot: int, plan: SlotPlan) -> tuple[SlotPreset, ...] | None:
+        """The slot's presets, for the ``rehearsal`` guard, at each of ``PRESETS``: the whole
+        slot as one trace (its stages' blocks one after another, each block's caches made
+        while it is live and kept to the slot's end, as the slot keeps them: a trace per
+        stage would free them at the stage's end)."""
+        if not self.rehearse:
+            return None
+        out = []
+        for p in PRESETS:
+            events: list[int] = []
+            made = 0
+            for _, blocks in plan.stages:
+                for block in blocks:
+                    events.append(int(block.nbytes * p))
+                    at = made
+                    made += 1
+                    for nbytes, _ in block.caches:
+                        events.append(nbytes)
+                        made += 1
+                    events.append(~at)
+            out.append(SlotPreset(p, (StagePlan("slot", AllocationTrace(tuple(events))),)))
+        return tuple(out)
 
     def _free_caches(self, slot: int) -> None:
         for entry in [c for c in self._caches if c[0] <= slot]:
@@ -338,7 +388,11 @@ class Director:
 
     def _slot(self, slot: int, plan: SlotPlan) -> str:
         g, timer = self.guard, self.timer
-        adm = timer("admit", g.admit, slot)
+        presets = self.presets(slot, plan)
+        adm = (timer("admit", g.admit, slot) if presets is None else
+               timer("admit", g.admit, slot, presets=presets))
+        # What a rehearsal placed allocation by allocation, no guard judges again.
+        self._rehearsed = getattr(adm, "method", "forecast") == "rehearsal"
         scale = 1.0
         if adm.decision == "refuse":
             if adm.activation_scale < MIN_SCALE:
@@ -367,8 +421,8 @@ class Director:
         """One activation block, then its caches; whether the block was shrunk to fit."""
         context = f"slot {slot} {stage}"
         want = int(block.nbytes * scale)
-        got = self.timer("fit_allocation", self.guard.fit_allocation, want, context,
-                         min_fraction=MIN_SCALE)
+        got = want if self._rehearsed else self.timer(
+            "fit_allocation", self.guard.fit_allocation, want, context, min_fraction=MIN_SCALE)
         handle = self.card.allocate(got)
         try:
             self.timer("check_limits", self.guard.check_limits, context)
@@ -406,7 +460,7 @@ def _run_slots(name: str, label: str, guard: Any, director: Any, plans: list[Slo
                                          disable=not progress), start=1):
             director.run(slot, plan)
     elapsed = time.perf_counter() - t0
-    cleanups = log.cleanups if name == "new" else [
+    cleanups = log.cleanups if name in ("new", "rehearsal") else [
         (c.reason, c.freed_bytes) for c in getattr(guard, "cleanups", [])]
     return cleanups, elapsed
 
@@ -417,7 +471,7 @@ def run(name: str, expandable: bool, first_adapter: tuple[int, ...], plans: list
     for spec in MODELS:
         load_weights(card, int(spec.resident_gb * GB))
     guard = make_guard(name, card, cooldown_s)
-    director = Director(guard, card, first_adapter)
+    director = Director(guard, card, first_adapter, rehearse=name == "rehearsal")
     label = f"{name}, expandable {'on' if expandable else 'off'}"
     cleanups, elapsed = _run_slots(name, label, guard, director, plans, progress)
     return summarise(name, expandable, director, card, guard, cleanups, elapsed)
@@ -481,12 +535,15 @@ class ModelStages:
         _load_models(card, self.parts, self.models)
         return card.sample().allocated_bytes
 
-    def get(self, stage: str, shape: SlotShape) -> tuple[tuple[int, ...], int, int]:
-        """(events, peak bytes, the index of the event after which the peak is live)."""
+    def get(self, stage: str, shape: SlotShape) -> tuple[AllocationTrace, int, int]:
+        """(the trace, peak bytes, the index of the event after which the peak is live).
+        The trace, not its events alone: which allocations are a convolution's workspace,
+        which a replay goes on without when it cannot be placed (``optional``)."""
         key = shape.key(stage)
         known = self._known.get(key)
         if known is None:
-            events = self._traces.get(stage, shape).events
+            trace = self._traces.get(stage, shape)
+            events = trace.events
             sizes: list[int] = []
             live = peak = at = 0
             for i, e in enumerate(events):
@@ -497,7 +554,7 @@ class ModelStages:
                         peak, at = live, i + 1
                 else:
                     live -= sizes[~e]
-            known = self._known[key] = (events, peak, at)
+            known = self._known[key] = (trace, peak, at)
         return known
 
     def peak_bytes(self, stage: str, shape: SlotShape) -> int:
@@ -505,11 +562,11 @@ class ModelStages:
         return self.get(stage, shape)[1]
 
     def describe(self) -> dict[str, Any]:
-        return {f"{stage}@{size}": {"allocations": sum(1 for e in events if e >= 0),
+        return {f"{stage}@{size}": {"allocations": trace.allocations,
                                     "peak_bytes": peak,
                                     "trace_seconds": round(self._traces.seconds[(stage, size)],
                                                            2)}
-                for (stage, size), (events, peak, _) in sorted(self._known.items())}
+                for (stage, size), (trace, peak, _) in sorted(self._known.items())}
 
 
 class ModelsDirector(Director):
@@ -519,9 +576,38 @@ class ModelsDirector(Director):
     replay at ``got / want`` of the way down, then ``check_limits``."""
 
     def __init__(self, guard: Any, card: SimulatedBackend, first_adapter: tuple[int, ...],
-                 stages: ModelStages, shapes: list[SlotShape]) -> None:
-        super().__init__(guard, card, first_adapter)
+                 stages: ModelStages, shapes: list[SlotShape], *,
+                 rehearse: bool = False) -> None:
+        super().__init__(guard, card, first_adapter, rehearse=rehearse)
         self.stages, self.shapes = stages, shapes
+
+    def _whole_fits(self, copy: SimulatedBackend, slot: int, plan: SlotPlan) -> bool:
+        """The oracle on the real stages: each at the slot's shape, replayed on ``copy``, the
+        stage's caches made after it (a little below their peak in the run, where they are
+        made at the stage's peak: a needless count errs high)."""
+        blocks = dict(plan.stages)
+        shape = self.shapes[slot - 1]
+        copy.reset_peak()
+        try:
+            for stage in STAGES:
+                copy.replay(self.stages.get(stage, shape)[0], shape.repeats(stage))
+                if stage in BIG_STAGES:
+                    for block in blocks.get(stage, ()):
+                        for nbytes, _ in block.caches:
+                            copy.allocate(nbytes)
+        except OutOfMemoryError:
+            return False
+        return copy.memory_stats()["allocated_bytes.all.peak"] <= int(HARD_GB * GB)
+
+    def presets(self, slot: int, plan: SlotPlan) -> tuple[SlotPreset, ...] | None:
+        """The slot's shape at each of ``PRESETS``, each stage with its trace (without the
+        synthetic caches: what a Director's traces hold)."""
+        if not self.rehearse:
+            return None
+        shape = self.shapes[slot - 1]
+        return tuple(SlotPreset(p, tuple(
+            StagePlan(stage, self.stages.get(stage, shape.scaled(p))[0],
+                      shape.scaled(p).repeats(stage)) for stage in STAGES)) for p in PRESETS)
 
     def _stages(self, slot: int, plan: SlotPlan, scale: float) -> bool:
         """The real stages at the slot's shape; the synthetic plan's blocks give only their
@@ -538,10 +624,10 @@ class ModelsDirector(Director):
                blocks: tuple[Block, ...]) -> bool:
         context = f"slot {slot} {stage}"
         want = self.stages.peak_bytes(stage, shape.scaled(scale))
-        got = self.timer("fit_allocation", self.guard.fit_allocation, want, context,
-                         min_fraction=MIN_SCALE)
+        got = want if self._rehearsed else self.timer(
+            "fit_allocation", self.guard.fit_allocation, want, context, min_fraction=MIN_SCALE)
         at = shape.scaled(scale * got / want if want else scale)
-        events, peak, peak_at = self._trace(stage, at)
+        trace, peak, peak_at = self._trace(stage, at)
         if peak > got:
             # A shrunk stage runs at the largest preset within got / want, whose activations
             # need not shrink in proportion (Flux at 704² is more than half of 1024²'s).
@@ -553,35 +639,41 @@ class ModelsDirector(Director):
         # repeats keep the card's fast replay of a fixed point (a Flux step is 5,300 calls).
         caches = [c for block in blocks for c in block.caches] if stage in BIG_STAGES else []
         if caches and repeats:
-            self.card.replay(events, repeats - 1)
-            self._replay_with_caches(events, peak_at, caches, slot, context)
+            self.card.replay(trace, repeats - 1)
+            self._replay_with_caches(trace, peak_at, caches, slot, context)
         else:
-            self.card.replay(events, repeats)
+            self.card.replay(trace, repeats)
         self.timer("check_limits", self.guard.check_limits, context)
         return got < want
 
-    def _trace(self, stage: str, shape: SlotShape) -> tuple[tuple[int, ...], int, int]:
+    def _trace(self, stage: str, shape: SlotShape) -> tuple[AllocationTrace, int, int]:
         before = self.card.sample().allocated_bytes
         trace = self.stages.get(stage, shape)
         if self.card.sample().allocated_bytes != before:  # pragma: no cover - a broken trace
             raise RuntimeError(f"tracing {stage} moved bytes on the run's card")
         return trace
 
-    def _replay_with_caches(self, events: tuple[int, ...], peak_at: int,
+    def _replay_with_caches(self, trace: AllocationTrace, peak_at: int,
                             caches: list[tuple[int, int]], slot: int, context: str) -> None:
         """One repeat through ``allocate``/``free``, the caches made at its peak; an OOM or a
-        refusal frees what the repeat holds (``replay``'s unwinding) and propagates."""
-        card, handles, live = self.card, [], {}
+        refusal frees what the repeat holds (``replay``'s unwinding) and propagates, but for
+        a workspace (``trace.optional``), which the forward goes on without."""
+        card, live = self.card, {}
+        index = 0
         try:
-            for i, event in enumerate(events):
+            for i, event in enumerate(trace.events):
                 if i == peak_at:
                     self._make_caches(caches, slot, context)
                 if event >= 0:
-                    live[len(handles)] = handle = card.allocate(event)
-                    handles.append(handle)
-                else:
+                    try:
+                        live[index] = card.allocate(event)
+                    except OutOfMemoryError:
+                        if index not in trace.optional:
+                            raise
+                    index += 1
+                elif ~event in live:
                     card.free(live.pop(~event))
-            if peak_at >= len(events):
+            if peak_at >= len(trace.events):
                 self._make_caches(caches, slot, context)
         finally:
             for handle in live.values():
@@ -609,7 +701,8 @@ def run_models(name: str, expandable: bool, first_adapter: tuple[int, ...],
     resident = stages.load(card)
     load_s = time.perf_counter() - t0
     guard = make_guard(name, card, cooldown_s)
-    director = ModelsDirector(guard, card, first_adapter, stages, shapes)
+    director = ModelsDirector(guard, card, first_adapter, stages, shapes,
+                              rehearse=name == "rehearsal")
     label = f"{name}, expandable {'on' if expandable else 'off'}"
     cleanups, elapsed = _run_slots(name, label, guard, director, plans, progress)
     summary = summarise(name, expandable, director, card, guard, cleanups, elapsed)
@@ -644,6 +737,9 @@ def summarise(name: str, expandable: bool, d: Director, card: SimulatedBackend, 
         "full": c["full"], "degraded": c["degraded"], "skipped": c["skipped"],
         "aborted_refused": c["aborted_refused"], "aborted_oom": c["aborted_oom"],
         "lost": lost, "missed": lost + c["skipped"],
+        # degraded or skipped although the slot as asked would have fit (the oracle: the
+        # whole slot replayed on a copy of the card as the slot found it)
+        "needless_degradations": c["needless_degraded"], "needless_skips": c["needless_skipped"],
         "ooms_escaped": c["aborted_oom"] + c["adapter_oom"],
         "ooms_converted_by_generation": generation_caught,
         "refusals_caught": c["aborted_refused"] + c["adapter_refused"],
@@ -672,16 +768,16 @@ def summarise(name: str, expandable: bool, d: Director, card: SimulatedBackend, 
 
 COLUMNS = (("full", "full"), ("degraded", "degr"), ("skipped", "skip"),
            ("aborted_refused", "caught"), ("aborted_oom", "oom"), ("lost", "lost"),
-           ("missed", "missed"),
+           ("missed", "missed"), ("needless_degradations", "needless"),
            ("ooms_escaped", "escaped"), ("cleanups", "clean"), ("useless_cleanups", "useless"),
            ("guard_p50_us", "p50 µs"), ("guard_p99_us", "p99 µs"))
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
-    print(f"\n{'guard':<8}{'expandable':<12}" + "".join(f"{h:>9}" for _, h in COLUMNS))
+    print(f"\n{'guard':<10}{'expandable':<12}" + "".join(f"{h:>9}" for _, h in COLUMNS))
     for r in runs:
         mode = "on" if r["expandable_segments"] else "off"
-        print(f"{r['guard']:<8}{mode:<12}" + "".join(f"{r[k]:>9}" for k, _ in COLUMNS))
+        print(f"{r['guard']:<10}{mode:<12}" + "".join(f"{r[k]:>9}" for k, _ in COLUMNS))
 
 
 def goal(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -756,13 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=None,
                     help=f"default 1000, or {MODEL_SLOTS} with --workload models")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--guards", default=",".join(GUARDS), help="comma list of " + ", ".join(GUARDS))
+    ap.add_argument("--guards", default=",".join(GUARDS),
+                    help="comma list of " + ", ".join(ALL_GUARDS) + " (default: the first "
+                    "three)")
     ap.add_argument("--cleanup-cooldown-s", type=float, default=0.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args(argv)
     guards = [g for g in args.guards.split(",") if g]
-    if unknown := set(guards) - set(GUARDS):
+    if unknown := set(guards) - set(ALL_GUARDS):
         ap.error(f"unknown guards: {', '.join(sorted(unknown))}")
 
     models = args.workload == "models"
@@ -811,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "goal": verdict, "runs": runs}, indent=1))
-    new_escaped = sum(r["ooms_escaped"] for r in runs if r["guard"] == "new")
+    new_escaped = sum(r["ooms_escaped"] for r in runs if r["guard"] in ("new", "rehearsal"))
     return 0 if new_escaped == 0 else 1
 
 

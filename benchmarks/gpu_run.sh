@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a lent GPU (issues 4, 13 and 23): the GPU tests, what changed since the last loan
+# One run on a lent GPU (issues 4, 13, 23 and 24): the GPU tests, what changed since the last loan
 # measured on CUDA capped to 12 GB, and an OOM post-mortem dump; the results under $OUT. The
 # whole run ends within BUDGET_S (360 s by default: a loan is 15 minutes, starts included).
 #
@@ -158,6 +158,12 @@ if [ "$cuda" = 1 ]; then
 else
   skip oom-postmortem "needs CUDA"
 fi
+
+# ~30 s (a guess: the loan after issue 24 measures it): a rehearsal on the CUDA allocator's
+# twin against the same events run for real, three settings, 100 fragmented states each; and
+# a twin of the real models' blocks timed (issue 24, "What to build" 5).
+step twin-fidelity 90 "$PY" benchmarks/twin_fidelity.py "${sim[@]}" --trials 100 \
+  --json "$work/twin_fidelity.json"  # in results.tar.gz: $OUT holds 8 files at most
 
 # ~40 s on CUDA (real fp16 stand-in models; 300 slots of five stages).
 step stress 75 "$PY" benchmarks/vram_stress_test.py "${sim[@]}" --iterations 300 \

@@ -15,6 +15,10 @@ peaks. ``--simulate`` runs it on the simulated card behind torch.cuda (tests/cud
 where the answer must be exact. Every setting runs in a process of its own, as
 PYTORCH_CUDA_ALLOC_CONF is read when CUDA starts.
 
+First, what a twin costs: the committed real-model trace's first 15,000 allocator calls (the
+five models and the first slot's start) made on the device, then ``CudaBackend.twin()``
+timed (goal: 50 ms on a 12 GB card).
+
 *escaped*: the twin said "fits" and the run did not (must be 0); *conservative*: the twin
 said "does not fit" and the run fit (what app/backends/twin.py accepts where a snapshot
 cannot say, under expandable segments); *exact*: every figure equal.
@@ -161,6 +165,41 @@ def run_one(conf: str, trials: int, simulate: bool) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def twin_cost(simulate: bool, repeats: int = 20, steps: int = 15_000) -> dict[str, Any]:
+    """A twin of a 12 GB card holding the five real models: the committed real-model trace's
+    first ``steps`` allocator calls (the models loading, then the first slot's start) made
+    on the device, then ``CudaBackend.twin()`` (the snapshot and the build) timed."""
+    import gzip
+    import statistics
+
+    from benchmarks.trace_replay import Trace
+
+    committed = Path(__file__).resolve().parent / "traces" / "real-models.json.gz"
+    trace = Trace.from_json(gzip.decompress(committed.read_bytes()).decode())
+    card = SimulatedCuda("") if simulate else RealCuda("")
+    try:
+        backend = card.new_trial()
+        live: dict[int, object] = {}
+        for (op, handle, size), _ in zip(trace.steps(), range(steps), strict=False):
+            if op == "a":
+                live[handle] = card.allocate(size)
+            elif op == "f" and handle in live:
+                card.free(live.pop(handle))
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            twin = backend.twin()
+            seconds.append(time.perf_counter() - t0)
+        blocks = len(twin._blocks)
+        seconds.sort()
+        return {"blocks": blocks, "allocated_bytes": twin.sample().allocated_bytes,
+                "median_ms": round(statistics.median(seconds) * 1e3, 2),
+                "p99_ms": round(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))] * 1e3,
+                                2), "repeats": repeats}
+    finally:
+        card.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--simulate", action="store_true",
@@ -171,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     simulate = args.simulate or not torch.cuda.is_available()
     trials = args.trials or (300 if simulate else 150)
+    if args.setting is None:
+        cost = twin_cost(simulate)
+        print(f"twin of a 12 GB card holding the real models ({cost['blocks']:,} blocks): "
+              f"{cost['median_ms']} ms median, {cost['p99_ms']} ms p99 (goal <= 50 ms)")
     if args.setting is not None:
         print(json.dumps(run_one(args.setting, trials, simulate)))
         return 0
@@ -196,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r[prefix + 'peak_lower']:>8}"
                   + (f"{r['rehearse_ms'] / max(1, r['trials']):>6.1f}" if not prefix else ""))
     if args.json:
-        args.json.write_text(json.dumps({"simulate": simulate, "trials": trials, "rows": rows},
-                                        indent=2))
+        args.json.write_text(json.dumps({"simulate": simulate, "trials": trials, "rows": rows,
+                                         "twin_cost": cost}, indent=2))
     ok = all(r["escaped"] == r["oom_later"] == r["peak_lower"] == 0 for r in rows)
     print("goal (the Director's twin): 0 escaped (its \"fits\" always held), and where it "
           "differs it errs towards \"does not fit\" (no OOM later, no peak lower): "

@@ -125,7 +125,7 @@ def _shape(stage: str, size: int):
 def profile_models(json_path: Path | None) -> int:
     from app.backends import SimulatedBackend
     from app.models import MODELS, require
-    from app.models.workload import STAGE_MODELS, ResidentModels, StageTraces, replay
+    from app.models.workload import ResidentModels, StageTraces, replay
     from app.monitor.modules import module_bytes
 
     require()
@@ -162,29 +162,24 @@ def profile_models(json_path: Path | None) -> int:
             resident_models.forward(stage, _shape(stage, size))
             plain[stage, size] = time.perf_counter() - t0
     rewarm(parts)
-    traces = StageTraces(resident_models, backend)
-    scratch = StageTraces(resident_models, SimulatedBackend(1 << 40))  # what does not fit
+    traces = StageTraces(resident_models, backend)  # traced on a scratch card, as the demo
     stages = []
     for stage, sizes in SIZES.items():
         for size in sizes:
             shape = _shape(stage, size)
-            t0 = time.perf_counter()
-            try:
-                with monitor.generation(0) as rec, monitor.stage(stage):
-                    trace = traces.get(stage, shape)  # the real forward, captured
-                peak: int | None = rec.stage_peaks_bytes[stage] - rec.allocated_before_bytes
-                seconds = traces.seconds
-            except MemoryPressureError:  # an OOM on the card, next to the five models
-                peak, trace, seconds = None, scratch.get(stage, shape), scratch.seconds
-                rewarm(STAGE_MODELS[stage])
-            captured_s = time.perf_counter() - t0 if peak is not None else \
-                seconds[shape.key(stage)]
-            plain_s = plain[stage, size]
+            trace = traces.get(stage, shape)  # the real forward, captured
+            captured_s = traces.seconds[shape.key(stage)]
+            peak: int | None = None
             replay_s = None
-            if peak is not None:
-                t0 = time.perf_counter()
-                replay(trace, backend.allocate, backend.free)
-                replay_s = round(time.perf_counter() - t0, 4)
+            try:  # the stage on the card, beside the five models: its peak, or an OOM
+                with monitor.generation(0) as rec, monitor.stage(stage):
+                    t0 = time.perf_counter()
+                    replay(trace, backend.allocate, backend.free)
+                    replay_s = round(time.perf_counter() - t0, 4)
+                peak = rec.stage_peaks_bytes[stage] - rec.allocated_before_bytes
+            except MemoryPressureError:
+                replay_s = None
+            plain_s = plain[stage, size]
             stages.append({
                 "stage": stage, "size": size, "allocations": trace.allocations,
                 "peak_requested_bytes": trace.peak_bytes(), "peak_bytes": peak,
