@@ -41,10 +41,18 @@ A capture follows the thread that entered it only: PyTorch keeps dispatch modes 
 so a tensor made on a worker thread is not charged (enter ``capture()`` on that thread too).
 Storages charged inside a capture stay on the card after it ends, until they die: a model
 loaded inside one stays resident.
+
+Captures of one card nest: one entered while another of the same card is open on the thread
+(``with card.capture(): ... with card.capture(record=True) as step:``) adds no second
+dispatch mode, which would see each op once more (the outer mode charges what the inner one
+then finds charged already, and a convolution would place two workspaces). It rides on the
+open one: the open one charges, and every recording capture open on the thread, inner and
+outer, records what is charged and freed while it is open.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -182,15 +190,15 @@ class AllocationTrace:
 
 
 class _Charge:
-    """One charged storage: the card's handle for its block, the size placed, and the weak
-    reference that frees it."""
+    """One charged storage: the card's handle for its block, the size placed, the weak
+    reference that frees it, and its allocation index in each capture that recorded it."""
 
-    __slots__ = ("handle", "index", "nbytes", "ref")
+    __slots__ = ("handle", "indices", "nbytes", "ref")
 
-    def __init__(self, handle: int, nbytes: int, index: int) -> None:
+    def __init__(self, handle: int, nbytes: int, indices: dict[Capture, int]) -> None:
         self.handle = handle
         self.nbytes = nbytes
-        self.index = index
+        self.indices = indices
         self.ref: weakref.ref[torch.UntypedStorage] | None = None
 
 
@@ -228,22 +236,37 @@ class Capture(TorchDispatchMode):
         self._kernels = kernels
         self._modes = ExitStack()
         self.absorbed_ooms = 0  # workspaces that did not fit, gone without (cuDNN's retries)
+        # Nesting (module docstring): the capture of this card open on the thread that this
+        # one rides on, or the captures riding on this one.
+        self._host: Capture | None = None
+        self._riders: list[Capture] = []
+        self._thread = 0
 
     # -- what a caller sees -------------------------------------------------------------
 
     def mark(self, name: str) -> None:
-        """Begin a named part of the trace (a stage); a no-op unless recording."""
+        """Begin a named part of the trace (``trace().parts()``: a stage); a no-op unless
+        recording."""
         if self._events is not None:
             self._marks.append((name, len(self._events)))
 
     def trace(self) -> AllocationTrace:
+        """The allocations and frees recorded so far, in order (``record=True``); what is
+        still live at the end is what the captured code kept."""
         if self._events is None:
             raise RuntimeError("capture(record=True) records a trace; this one did not")
         return AllocationTrace(tuple(self._events), tuple(self._marks),
                                frozenset(self._optional))
 
     def __enter__(self) -> Capture:
+        self._thread = threading.get_ident()
+        host = self._card._open_captures.get(self._thread)
+        if host is not None:  # nested: ride on the capture already open here
+            self._host = host
+            host._riders.append(self)
+            return self
         super().__enter__()
+        self._card._open_captures[self._thread] = self
         if self._kernels:
             from app.backends.kernels.attention import CardAttention
             from app.backends.kernels.rnn import CardRNN
@@ -253,10 +276,36 @@ class Capture(TorchDispatchMode):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._recording = False  # frees after the end are the outputs being dropped
+        if self._host is not None:
+            self._host._riders.remove(self)
+            self._host = None
+            self._card._free_queued_now()
+            return
         self._modes.close()
         super().__exit__(*exc)
-        self._recording = False  # frees after the end are the outputs being dropped
+        if self._card._open_captures.get(self._thread) is self:
+            del self._card._open_captures[self._thread]
         self._card._free_queued_now()
+
+    def _recorders(self) -> list[Capture]:
+        """The recording captures open on this thread: this one and those riding on it."""
+        return [c for c in (self, *self._riders) if c._recording]
+
+    def _note(self, nbytes: int, *, workspace: bool = False) -> dict[Capture, int]:
+        """An allocation, in every recording capture open: its index in each. A workspace is
+        freed at once and marked optional (a replay goes on without one that does not fit)."""
+        indices = {}
+        for c in self._recorders():
+            index = c._allocations
+            c._allocations += 1
+            assert c._events is not None
+            c._events.append(nbytes)
+            if workspace:
+                c._optional.add(index)
+                c._events.append(~index)
+            indices[c] = index
+        return indices
 
     # -- the dispatch -----------------------------------------------------------------
 
@@ -295,12 +344,8 @@ class Capture(TorchDispatchMode):
         nbytes = convolution.workspace_bytes(x, w, out)
         if nbytes <= 0:
             return
-        index = self._allocations
-        self._allocations += 1
-        if self._events is not None:
-            # recorded whether it fits here or not: a replay elsewhere tries it again
-            self._optional.add(index)
-            self._events.extend((nbytes, ~index))
+        # recorded whether it fits here or not: a replay elsewhere tries it again
+        self._note(nbytes, workspace=True)
         try:
             handle = self._card.allocate(nbytes)
         except OutOfMemoryError:
@@ -311,10 +356,7 @@ class Capture(TorchDispatchMode):
     def _charge(self, storage: torch.UntypedStorage, key: int, nbytes: int) -> None:
         # The card raises torch.OutOfMemoryError here, from inside the op that allocated.
         handle = self._card.allocate(nbytes)
-        charge = _Charge(handle, nbytes, self._allocations)
-        self._allocations += 1
-        if self._events is not None:
-            self._events.append(nbytes)
+        charge = _Charge(handle, nbytes, self._note(nbytes))
         charge.ref = weakref.ref(storage, self._died(key, charge))
         self._charged[key] = charge
 
@@ -337,8 +379,10 @@ class Capture(TorchDispatchMode):
 
     def _release(self, charge: _Charge) -> None:
         # Possibly inside the garbage collector, with the card's lock held: only queue.
-        if self._events is not None and self._recording:
-            self._events.append(~charge.index)
+        for c, index in charge.indices.items():
+            if c._recording:
+                assert c._events is not None
+                c._events.append(~index)
         self._card._free_later(charge.handle)
 
 

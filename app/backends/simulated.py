@@ -122,6 +122,7 @@ class SimulatedBackend(CachingAllocator):
         # capture(): the storages it placed, and the handles of those that died, freed before
         # the next read (a storage can die inside the garbage collector, lock held).
         self._charged: dict[int, _Charge] = {}
+        self._open_captures: dict[int, Capture] = {}  # by thread: the one whose mode is on
         self._dead: deque[int] = deque()
         # The kernels a capture models are those of this architecture (an RTX 3060: sm_86);
         # cuBLAS's workspace, placed at the first matmul a capture sees, stays.

@@ -235,3 +235,35 @@ def test_a_trace_knows_its_parts():
     assert list(trace.parts()) == [("a", (10, 20, ~0)), ("b", (5, ~1))]
     assert trace.allocations == 3
     assert trace.peak_bytes() == 30
+
+
+def test_a_recording_capture_inside_an_open_one_records_what_a_lone_one_does():
+    """Issue 25 (4): the README's pattern, a recording capture inside the capture the model
+    was loaded in, recorded nothing (the outer capture charged every storage first), and a
+    replay of the empty trace "fitted". Nested, it rides on the open capture: the same
+    events as alone, one workspace a convolution, and a record inside a record fills both."""
+    from app.backends import simulated_rtx_3060
+    from app.backends.capture import as_loaded
+
+    def step(x):
+        return torch.nn.functional.silu(conv(x)).sum()
+
+    lone = simulated_rtx_3060()
+    with lone.capture():
+        conv = as_loaded(lambda: torch.nn.Conv2d(8, 8, 3, padding=1))
+    with lone.capture(record=True) as alone:
+        step(torch.empty(1, 8, 64, 64, device="meta"))
+    card = simulated_rtx_3060()
+    with card.capture():
+        conv = as_loaded(lambda: torch.nn.Conv2d(8, 8, 3, padding=1))
+        calls = card.memory_stats()["allocation.all.allocated"]
+        with card.capture(record=True) as nested:
+            step(torch.empty(1, 8, 64, 64, device="meta"))
+        placed = card.memory_stats()["allocation.all.allocated"] - calls
+        with card.capture(record=True) as outer:
+            with card.capture(record=True) as inner:
+                step(torch.empty(1, 8, 64, 64, device="meta"))
+    assert alone.trace().events and nested.trace() == alone.trace()
+    assert inner.trace() == outer.trace() == alone.trace()
+    assert placed == alone.trace().allocations  # each storage and workspace placed once
+    assert nested.trace().optional  # the convolution's workspace, once
