@@ -16,8 +16,10 @@ from app._version import __version__
 _EXPORTS = {
     **dict.fromkeys(("ControlPlane", "ControlPlaneError", "create_app", "start_control_plane"),
                     "app.api"),
-    **dict.fromkeys(("CudaBackend", "MemoryBackend", "SimulatedBackend"), "app.backends"),
-    **dict.fromkeys(("AllocationTrace", "as_loaded"), "app.backends.capture"),
+    **dict.fromkeys(("CudaBackend", "MemoryBackend", "SimulatedBackend", "simulated_rtx_3060"),
+                    "app.backends"),
+    **dict.fromkeys(("AllocationTrace", "Capture", "as_loaded"), "app.backends.capture"),
+    "flash_attention": "app.backends.kernels.attention",
     "Rehearsal": "app.backends.rehearsal",
     **dict.fromkeys(("Settings", "SettingsError", "load_settings"), "app.config"),
     **dict.fromkeys(("CleanupCooldownError", "MemoryLeakWarning", "MemoryPressureError",
@@ -33,6 +35,7 @@ __all__ = [
     "MIN_SCALE",
     "Admission",
     "AllocationTrace",
+    "Capture",
     "CleanupCooldownError",
     "ControlPlane",
     "ControlPlaneError",
@@ -59,11 +62,13 @@ __all__ = [
     "check_limits",
     "clear_cuda_cache",
     "create_app",
+    "flash_attention",
     "get_current_vram_usage",
     "get_monitor",
     "get_vram_breakdown",
     "install_monitor",
     "load_settings",
+    "simulated_rtx_3060",
     "start_control_plane",
 ]
 
@@ -83,8 +88,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from app.api import ControlPlane, ControlPlaneError, create_app, start_control_plane
-    from app.backends import CudaBackend, MemoryBackend, SimulatedBackend
-    from app.backends.capture import AllocationTrace, as_loaded
+    from app.backends import CudaBackend, MemoryBackend, SimulatedBackend, simulated_rtx_3060
+    from app.backends.capture import AllocationTrace, Capture, as_loaded
+    from app.backends.kernels.attention import flash_attention
     from app.backends.rehearsal import Rehearsal
     from app.config import Settings, SettingsError, load_settings
     from app.errors import (

@@ -1,6 +1,6 @@
 """Test your own PyTorch pipeline against a 12 GB card on a machine without a GPU.
 
-    python examples/cpu_pipeline.py [--steps 4] [--side 1024]
+    python examples/cpu_pipeline.py [--slots 6] [--side 1024]
 
 A made-up text-to-image pipeline (a text encoder and a convolutional decoder, your models in
 a real Director) runs on PyTorch's ``meta`` device: real shapes, no memory. Inside
