@@ -22,7 +22,8 @@ _EXPORTS = {
     "flash_attention": "app.backends.kernels.attention",
     "Rehearsal": "app.backends.rehearsal",
     **dict.fromkeys(("Settings", "SettingsError", "load_settings"), "app.config"),
-    **dict.fromkeys(("CleanupCooldownError", "MemoryLeakWarning", "MemoryPressureError",
+    **dict.fromkeys(("AccountingWarning", "CleanupCooldownError", "MemoryLeakWarning",
+                     "MemoryPressureError",
                      "MemoryPressureWarning", "VortexInitializationError"), "app.errors"),
     **dict.fromkeys(("check_allocation", "check_limits", "clear_cuda_cache",
                      "get_current_vram_usage", "get_monitor", "get_vram_breakdown",
@@ -33,6 +34,7 @@ _EXPORTS = {
 
 __all__ = [
     "MIN_SCALE",
+    "AccountingWarning",
     "Admission",
     "AllocationTrace",
     "Capture",
@@ -94,6 +96,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from app.backends.rehearsal import Rehearsal
     from app.config import Settings, SettingsError, load_settings
     from app.errors import (
+        AccountingWarning,
         CleanupCooldownError,
         MemoryLeakWarning,
         MemoryPressureError,

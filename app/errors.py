@@ -23,6 +23,14 @@ class MemoryLeakWarning(UserWarning):
     """Allocated memory after generations grew past the leak threshold over the leak window."""
 
 
+class AccountingWarning(UserWarning):
+    """A figure would silently be zero: a model loaded with no bytes placed on the device, a
+    module registered whose tensors the device did not place, a meta storage made on a
+    thread where no capture is open while one is open on another. The message names the
+    cause and the fix. Shown (once per place) unless filtered: no log line stands in for it
+    where the mistake is made in a test or a notebook."""
+
+
 # The monitor logs each of these itself, and that log line is what an operator reads: a copy
 # printed by the warnings module would say every one twice. So, as Python does for
 # DeprecationWarning, they are not shown unless asked for; any filter a caller sets (``-W

@@ -34,7 +34,7 @@ SECTIONS = (
                                  "check_allocation", "get_current_vram_usage",
                                  "get_vram_breakdown", "clear_cuda_cache")),
     ("Errors and warnings", ("MemoryPressureError", "MemoryPressureWarning",
-                             "MemoryLeakWarning", "CleanupCooldownError",
+                             "MemoryLeakWarning", "AccountingWarning", "CleanupCooldownError",
                              "VortexInitializationError", "SettingsError",
                              "ControlPlaneError")),
     ("Settings and the control plane", ("Settings", "load_settings", "start_control_plane",

@@ -94,7 +94,7 @@ class SimulatedBackend(CachingAllocator):
         *,
         context_bytes: int = 0,
         device: str = "sim:0",
-        torch_device: str | torch.device = "cpu",
+        torch_device: str | torch.device | None = None,
         name: str | None = None,
         alloc_conf: str | None = None,
         segment_addresses: Iterable[int] | None = None,
@@ -114,7 +114,7 @@ class SimulatedBackend(CachingAllocator):
             self.set_per_process_memory_fraction(settings.per_process_memory_fraction)
         self._name = name if name is not None else f"Simulated GPU ({total_bytes / 1e9:.3g} GB)"
         self._uuid = f"SIM-{uuid.uuid5(uuid.NAMESPACE_URL, f'vortex-vram:{device}:{self._name}')}"
-        self._torch_device = torch.device(torch_device)
+        self._torch_device = None if torch_device is None else torch.device(torch_device)
         self._handles: dict[int, _Block | None] = {}  # None: a zero-byte allocation
         self._ids = itertools.count(1)
         self._fail_reads = False
@@ -372,9 +372,10 @@ class SimulatedBackend(CachingAllocator):
             self._counters = dict.fromkeys(_COUNTERS, 0)
 
     def owns(self, tensor: torch.Tensor) -> bool:
-        """A tensor on the card's torch device, or a meta tensor that a :meth:`capture`
-        placed on the card."""
-        if tensor.device == self._torch_device:
+        """A meta tensor whose storage a :meth:`capture` placed on the card, or a tensor on
+        ``torch_device`` where one was given (a caller that lets those stand for the card's).
+        Nothing else: a CPU module is not on the card."""
+        if self._torch_device is not None and tensor.device == self._torch_device:
             return True
         return tensor.is_meta and id(tensor.untyped_storage()) in self._charged
 

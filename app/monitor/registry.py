@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 
 from app.backends import MemoryBackend
-from app.errors import MemoryPressureError
+from app.errors import AccountingWarning, MemoryPressureError
 from app.monitor.limits import integral
 from app.monitor.modules import module_bytes
 from app.monitor.records import GB, ModelRecord
@@ -58,8 +59,28 @@ class ModelRegistry:
         if not measured:
             logger.warning("model %s loaded while the backend could not be read: registered "
                            "with 0 bytes (unmeasured)", name)
+        elif not added[0]:
+            self._silent_zero(
+                f"model {name!r} added 0 bytes to {self._backend.device} while it loaded, and "
+                f"is registered with 0 against its budget: {self._where_it_went()}")
         self.add(ModelRecord(name, added[0], budget,
                              "allocator_delta" if measured else "unmeasured"), replace=replace)
+
+    def _where_it_went(self) -> str:
+        from app.backends.simulated import SimulatedBackend
+
+        if isinstance(self._backend, SimulatedBackend):
+            return ("nothing it made was placed on the simulated card. Build it inside "
+                    "card.capture(), through as_loaded(build) called inside it: a module built "
+                    "outside a capture, or loaded by as_loaded outside one, stays on meta "
+                    "uncounted")
+        return ("its tensors are not on this device: move it there inside "
+                "track_model_load (.to(device)), or register it with register_model")
+
+    @staticmethod
+    def _silent_zero(message: str) -> None:
+        logger.warning("%s", message)
+        warnings.warn(message, AccountingWarning, stacklevel=4)
 
     def register_module(self, name: str, module: torch.nn.Module,
                         budget_gb: float | None = None, *, replace: bool = False) -> int:
@@ -67,6 +88,13 @@ class ModelRegistry:
         budget = budget_bytes(budget_gb)
         self._refuse_duplicate(name, replace)
         nbytes = module_bytes(module, self._backend.owns)
+        held = module_bytes(module, lambda _t: True)
+        if not nbytes and held:
+            devices = sorted({str(t.device) for t in (*module.parameters(), *module.buffers())})
+            self._silent_zero(
+                f"register_model({name!r}): none of the module's {held:,} bytes of tensors "
+                f"(on {', '.join(devices)}) were placed by {self._backend.device}, so it is "
+                f"registered with 0: {self._where_it_went()}")
         self.add(ModelRecord(name, nbytes, budget, "module_storages"), replace=replace)
         return nbytes
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from app import SimulatedBackend, VRAMMonitor
+from app import AccountingWarning, SimulatedBackend, VRAMMonitor
 from app.backends.alloc_conf import MIN_BLOCK
 from app.backends.capture import AllocationTrace
 
@@ -64,7 +64,9 @@ def test_nothing_counts_outside_a_capture(card: SimulatedBackend):
     out = module(torch.empty(8, 4096, device="meta"))
     assert out.shape == (8, 4096)
     assert card.sample().allocated_bytes == 0
-    assert VRAMMonitor(backend=card).register_model("outside", module) == 0
+    with pytest.warns(AccountingWarning, match=r"register_model\('outside'\): none of the "
+                      r"module's 67,125,248 bytes of tensors \(on meta\) were placed by sim:0"):
+        assert VRAMMonitor(backend=card).register_model("outside", module) == 0
 
 
 def test_storages_from_before_the_capture_are_never_charged(card: SimulatedBackend):
@@ -267,3 +269,51 @@ def test_a_recording_capture_inside_an_open_one_records_what_a_lone_one_does():
     assert inner.trace() == outer.trace() == alone.trace()
     assert placed == alone.trace().allocations  # each storage and workspace placed once
     assert nested.trace().optional  # the convolution's workspace, once
+
+
+def test_a_model_built_outside_the_capture_is_no_silent_zero():
+    """Issue 25 (3): a model built outside the capture (or loaded by as_loaded outside it)
+    registered 0.0 GB against its budget with no word, and the pipeline looked as if it fit."""
+    from app.backends import simulated_rtx_3060
+    from app.backends.capture import as_loaded
+
+    def build():
+        with torch.device("meta"):
+            return torch.nn.Linear(4096, 4096)
+
+    card = simulated_rtx_3060()
+    monitor = VRAMMonitor(backend=card)
+    with pytest.warns(AccountingWarning, match=r"model 'unet' added 0 bytes to sim:0 while it "
+                      r"loaded.*Build it inside card\.capture\(\), through as_loaded"):
+        with monitor.track_model_load("unet", budget_gb=1.8):
+            as_loaded(build)  # outside any capture
+    with card.capture(), monitor.track_model_load("unet2", budget_gb=1.8):
+        kept = as_loaded(build)  # inside: placed, and no warning (warnings are errors here)
+    assert monitor.models()[1].vram_bytes >= 4096 * 4096 * 4
+    assert kept is not None
+
+
+def test_the_card_owns_what_it_placed_and_not_a_cpu_module():
+    """Issue 25 (3): owns() said yes to every CPU tensor, so a 134 MB CPU module registered
+    0.134 GB while the card held 0 B."""
+    card = SimulatedBackend(12 * 10**9)
+    cpu = torch.nn.Linear(4096, 8192)  # 134 MB of fp32 on the CPU
+    assert not card.owns(cpu.weight)
+    with pytest.warns(AccountingWarning, match=r"none of the module's 134,250,496 bytes of "
+                      r"tensors \(on cpu\) were placed by sim:0"):
+        assert VRAMMonitor(backend=card).register_model("cpu", cpu) == 0
+    with card.capture():
+        on_card = as_loaded_linear()
+    assert card.owns(on_card.weight)
+    told = SimulatedBackend(12 * 10**9, torch_device="cpu")  # CPU tensors stand for the card's
+    assert told.owns(cpu.weight)
+
+
+def as_loaded_linear() -> torch.nn.Module:
+    from app.backends.capture import as_loaded
+
+    def build():
+        with torch.device("meta"):
+            return torch.nn.Linear(64, 64)
+
+    return as_loaded(build)

@@ -130,7 +130,8 @@ def test_validate_buffers_before_models_load_uses_registered_sizes():
 
 
 def test_register_model_counts_unique_storages_on_the_device():
-    monitor = VRAMMonitor(backend=SimulatedBackend(12 * GB))  # watches "cpu" tensors
+    # CPU tensors standing for the card's, as the card is told
+    monitor = VRAMMonitor(backend=SimulatedBackend(12 * GB, torch_device="cpu"))
     emb = torch.nn.Embedding(1000, 64)
     head = torch.nn.Linear(64, 1000, bias=False)
     head.weight = emb.weight  # tied: one storage
