@@ -39,6 +39,11 @@ forward pass makes none of it. app/backends/kernels holds each rule and its sour
 
 A capture follows the thread that entered it only: PyTorch keeps dispatch modes per thread,
 so a tensor made on a worker thread is not charged (enter ``capture()`` on that thread too).
+That would be a silent zero, so while a capture is open every thread started from
+``threading`` gets a watch (``_Elsewhere``) that, the first time an op there makes a meta
+tensor with no capture open on that thread, raises an ``AccountingWarning`` naming both
+threads and the fix. (Threads already running when the capture opened are not watched:
+Python 3.11 cannot set a profile function on them.)
 Storages charged inside a capture stay on the card after it ends, until they die: a model
 loaded inside one stays resident.
 
@@ -214,6 +219,80 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+# The threads with a capture open (ident -> its name, and how many are open there: captures
+# of several cards may be), for the watch on other threads.
+_capturing: dict[int, tuple[str, int]] = {}
+_capturing_lock = threading.Lock()
+_their_hook: Callable[..., Any] | None = None
+
+
+def _opened() -> None:
+    me = threading.get_ident()
+    with _capturing_lock:
+        first = not _capturing
+        _capturing[me] = (threading.current_thread().name, _capturing.get(me, ("", 0))[1] + 1)
+    if first:
+        global _their_hook
+        _their_hook = threading.getprofile()  # a profiler's, kept and chained
+        threading.setprofile(_watch_new_thread)
+
+
+def _closed() -> None:
+    me = threading.get_ident()
+    with _capturing_lock:
+        name, n = _capturing.get(me, ("", 1))
+        if n > 1:
+            _capturing[me] = (name, n - 1)
+        else:
+            _capturing.pop(me, None)
+        last = not _capturing
+    if last:
+        threading.setprofile(_their_hook)  # type: ignore[arg-type]
+
+
+def _watch_new_thread(frame: Any, event: str, arg: Any) -> None:
+    """The profile function of a thread started while a capture is open: its first event
+    puts the watch on the thread, then hands the thread to the profile function there was
+    before (none, or a profiler's)."""
+    import sys
+
+    hook = _their_hook
+    sys.setprofile(hook)
+    if _capturing:
+        _Elsewhere().__enter__()  # for the thread's life: cheap once it has warned
+    if hook is not None:
+        hook(frame, event, arg)
+
+
+class _Elsewhere(TorchDispatchMode):
+    """Warns, once, when an op on this thread makes a meta tensor while a capture is open on
+    another thread and none on this one: what it makes is charged to no card."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._warned = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if self._warned or not _capturing:
+            return out
+        me = threading.get_ident()
+        if me in _capturing or not any(t.device == _META for t in _tensors(out)):
+            return out
+        self._warned = True
+        import warnings
+
+        from app.errors import AccountingWarning
+
+        others = ", ".join(repr(name) for name in sorted({n for n, _ in _capturing.values()}))
+        warnings.warn(
+            f"a meta tensor was made on thread {threading.current_thread().name!r} while a "
+            f"capture is open on thread {others} only: it is charged to no card (PyTorch "
+            "keeps dispatch modes per thread). Enter card.capture() on this thread too",
+            AccountingWarning, stacklevel=2)
+        return out
+
+
 class Capture(TorchDispatchMode):
     """The context manager ``SimulatedBackend.capture()`` returns; see the module docstring.
 
@@ -267,6 +346,7 @@ class Capture(TorchDispatchMode):
             return self
         super().__enter__()
         self._card._open_captures[self._thread] = self
+        _opened()
         if self._kernels:
             from app.backends.kernels.attention import CardAttention
             from app.backends.kernels.rnn import CardRNN
@@ -286,6 +366,7 @@ class Capture(TorchDispatchMode):
         super().__exit__(*exc)
         if self._card._open_captures.get(self._thread) is self:
             del self._card._open_captures[self._thread]
+        _closed()
         self._card._free_queued_now()
 
     def _recorders(self) -> list[Capture]:

@@ -173,8 +173,9 @@ def test_a_capture_follows_only_its_own_thread(card: SimulatedBackend):
     with card.capture():
         worker = threading.Thread(
             target=lambda: made.append(torch.empty(MiB, dtype=torch.uint8, device="meta")))
-        worker.start()
-        worker.join()
+        with pytest.warns(AccountingWarning, match="charged to no card"):  # and said so
+            worker.start()
+            worker.join()
         assert card.sample().allocated_bytes == 0  # documented: dispatch modes are per thread
         mine = torch.empty(MiB, dtype=torch.uint8, device="meta")
     assert card.sample().allocated_bytes == MiB
@@ -317,3 +318,42 @@ def as_loaded_linear() -> torch.nn.Module:
             return torch.nn.Linear(64, 64)
 
     return as_loaded(build)
+
+
+def test_a_forward_on_a_thread_the_capture_does_not_follow_is_no_silent_zero(recwarn):
+    """Issue 25 (3): a capture entered on one thread charges nothing made on another, and
+    said nothing. A thread started while a capture is open now warns, once, at its first
+    meta tensor; one that enters its own capture is charged, and says nothing."""
+    import warnings
+
+    from app.backends import simulated_rtx_3060
+
+    card = simulated_rtx_3060()
+    errors: list[BaseException] = []
+
+    def forward(capture_here: bool) -> None:
+        try:
+            if capture_here:
+                with card.capture():
+                    torch.empty(1 << 20, device="meta").add(1)
+            else:
+                for _ in range(3):
+                    torch.empty(1 << 20, device="meta").add(1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", AccountingWarning)
+        with card.capture():
+            for name, here in (("worker", False), ("capturing worker", True)):
+                t = threading.Thread(target=forward, args=(here,), name=name)
+                t.start()
+                t.join()
+    assert not errors
+    messages = [str(w.message) for w in seen if w.category is AccountingWarning]
+    assert messages == [
+        "a meta tensor was made on thread 'worker' while a capture is open on thread "
+        "'MainThread' only: it is charged to no card (PyTorch keeps dispatch modes per "
+        "thread). Enter card.capture() on this thread too"]
+    assert card.memory_stats()["allocation.all.allocated"] > 0  # the capturing worker's
+    assert threading.getprofile() is None  # the watch is gone with the last capture
