@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from contextlib import ExitStack, suppress
 
 import orjson
@@ -29,7 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from app import MemoryPressureError, SimulatedBackend, VRAMMonitor
+from app import AccountingWarning, MemoryPressureError, SimulatedBackend, VRAMMonitor
 from app.errors import CleanupCooldownError
 
 GB = 1_000_000_000
@@ -201,8 +202,13 @@ class MonitorMachine(RuleBasedStateMachine):
             self.monitor.unregister_model(name)
             self.card.free(self.models.pop(name))
         try:
-            with self.monitor.track_model_load(name):
-                self.models[name] = self.card.allocate(nbytes)
+            with warnings.catch_warnings(record=True) as told:
+                warnings.simplefilter("always", AccountingWarning)
+                with self.monitor.track_model_load(name):
+                    self.models[name] = self.card.allocate(nbytes)
+            # a load that placed nothing says so, and only that one
+            assert not told or (nbytes == 0 and all(
+                w.category is AccountingWarning for w in told)), [str(w.message) for w in told]
         except MemoryPressureError as exc:  # a model that does not fit
             assert exc.reason == "oom" and name not in self.monitor.get_vram_breakdown()
 
