@@ -98,7 +98,9 @@ def run_slot(
         logger.warning("slot %d aborted: %s", slot, exc)
         return SlotResult("aborted", scale, adm, exc.reason, done_s)
     if record.outcome == "degraded":
-        logger.info("slot %d ran degraded (%s)", slot,
+        # DEBUG: a Director that degrades every slot would say it 20 times a second; the
+        # monitor's refusal log says a run of refusals once (app/monitor/refusals.py).
+        logger.debug("slot %d ran degraded (%s)", slot,
                     f"at {fmt_pct(scale)} of its activations" if scale < 1.0
                     else "a stage shrunk to fit")
     return SlotResult(record.outcome, scale, adm, None, done_s)

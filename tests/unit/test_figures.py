@@ -159,10 +159,24 @@ def test_a_slot_degraded_to_99_6_percent_does_not_say_100(card, caplog, monkeypa
     monkeypatch.setattr(monitor, "admit", lambda slot, presets=None: Admission(
         "refuse", HARD + MB, -MB, 0.996, "forecast peak over", slot))
     plan = SlotPlan((("flux", 100 * MB),), pressure=False)
-    with caplog.at_level(logging.INFO, logger="app.demo"):
+    with caplog.at_level(logging.DEBUG, logger="app.demo"):
         result = run_slot(monitor, SimulatedDevice(card), 7, plan)
     assert result.outcome == "degraded"
     assert "slot 7 ran degraded (at 99.6 % of its activations)" in caplog.messages
+
+
+def test_a_director_degrading_every_slot_does_not_say_it_every_slot(card, caplog,
+                                                                     monkeypatch):
+    """Issue 25 (8): beside the monitor's refusal lines, the demo said "slot N ran degraded"
+    at INFO for every slot: 20 lines a second at --slot-seconds 0.05."""
+    monitor = VRAMMonitor(backend=card)
+    monkeypatch.setattr(monitor, "admit", lambda slot, presets=None: Admission(
+        "refuse", HARD + MB, -MB, 0.7, "forecast peak over", slot))
+    plan = SlotPlan((("flux", 100 * MB),), pressure=False)
+    with caplog.at_level(logging.INFO):
+        for slot in range(200):
+            assert run_slot(monitor, SimulatedDevice(card), slot, plan).outcome == "degraded"
+    assert [r for r in caplog.records if r.name == "app.demo"] == []
 
 
 # -- a warning prints once, at the caller's line ----------------------------------------------
