@@ -247,6 +247,22 @@ def run_one(conf: str, trials: int, simulate: bool, policy: str) -> dict[str, An
             **{k: out.get(k, 0) for k in keys}, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def each_setting(script: str, args: list[str]) -> list[dict[str, Any]] | None:
+    """``script --setting CONF ARGS`` for each of ``SETTINGS``, each in a process of its own
+    (PYTORCH_CUDA_ALLOC_CONF is read when CUDA starts): the JSON each prints last, or None
+    once one fails (its output printed)."""
+    rows = []
+    for conf in SETTINGS:
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": conf}
+        done = subprocess.run([sys.executable, script, "--setting", conf, *args], env=env,
+                              capture_output=True, text=True, check=False)
+        if done.returncode:
+            print(done.stdout + done.stderr, file=sys.stderr)
+            return None
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--simulate", action="store_true",
@@ -262,16 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.setting is not None:
         print(json.dumps(run_one(args.setting, trials, simulate, args.policy)))
         return 0
-    rows = []
-    for conf in SETTINGS:
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": conf}
-        cmd = [sys.executable, __file__, "--setting", conf, "--trials", str(trials),
-               "--policy", args.policy] + (["--simulate"] if simulate else [])
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            print(done.stdout + done.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = each_setting(__file__, ["--trials", str(trials), "--policy", args.policy]
+                        + (["--simulate"] if simulate else []))
+    if rows is None:
+        return 1
     print(f"\nguard fuzz ({'simulated card behind torch.cuda' if simulate else 'CUDA'}, "
           f"{trials} trials a setting, decision views {args.policy})")
     print(f"{'setting':<52}{'escaped':>9}{'refused,fits':>14}{'largest wrong':>15}"

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -43,10 +41,12 @@ import torch
 
 from app.backends.capture import AllocationTrace
 from app.backends.twin import rehearse_twins, twins_of
-from benchmarks.guard_fuzz import GB, SETTINGS, RealCuda, SimulatedCuda, walk
+from benchmarks.guard_fuzz import GB, RealCuda, SimulatedCuda, each_setting, walk
 
 
-def random_trace(rng: random.Random, n: int) -> AllocationTrace:
+def random_trace(rng: random.Random, n: int = 300) -> AllocationTrace:
+    """``n`` events: allocations of 512 B to 800 MB and frees, some left live to the end (its
+    outputs)."""
     events: list[int] = []
     live: list[int] = []
     count = 0
@@ -217,16 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.setting is not None:
         print(json.dumps(run_one(args.setting, trials, simulate)))
         return 0
-    rows = []
-    for conf in SETTINGS:
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": conf}
-        cmd = [sys.executable, __file__, "--setting", conf, "--trials", str(trials)] + (
-            ["--simulate"] if simulate else [])
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            print(done.stdout + done.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = each_setting(__file__, ["--trials", str(trials)]
+                        + (["--simulate"] if simulate else []))
+    if rows is None:
+        return 1
     print(f"\ntwin fidelity ({'simulated card behind torch.cuda' if simulate else 'CUDA'}, "
           f"{trials} trials a setting)")
     print(f"{'setting':<50}{'exact':>6}{'escaped':>8}{'conservative':>13}{'OOM step':>9}"

@@ -17,25 +17,11 @@ from app import CudaBackend, SimulatedBackend, VRAMMonitor
 from app.backends.capture import AllocationTrace
 from app.backends.rehearsal import Rehearsal
 from app.backends.twin import rehearse_twins, twin_of, twins_of
+from benchmarks.twin_fidelity import random_trace
 from tests.cuda_harness import GB, CardAsCuda, MiB, fragmented_walk
 
 SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:256,roundup_power2_divisions:4"]
 CONTEXT = 400 * 10**6
-
-
-def random_trace(rng: random.Random, n: int = 300) -> AllocationTrace:
-    """Allocations of 512 B to 800 MB and frees, some left live at the end (outputs)."""
-    events: list[int] = []
-    live: list[int] = []
-    count = 0
-    for _ in range(n):
-        if live and rng.random() < 0.45:
-            events.append(~live.pop(rng.randrange(len(live))))
-        else:
-            events.append(int(2 ** rng.uniform(9, 29.6)))
-            live.append(count)
-            count += 1
-    return AllocationTrace(tuple(events))
 
 
 def captured_trace(side: int) -> AllocationTrace:
