@@ -80,6 +80,10 @@ class SimulatedCuda:
     def allocated(self) -> int:
         return self.card.sample().allocated_bytes
 
+    def room(self) -> int:
+        """What may still be reserved without releasing anything."""
+        return self.card.cache_state(0).room_bytes
+
     def truth(self) -> tuple[int, int, int]:
         """(room, releasable, largest free block of the large pool), from the card itself."""
         c = self.card.cache_state(0)
@@ -137,14 +141,16 @@ class RealCuda:
         from app.backends.alloc_conf import settings_from_environment
         from app.backends.cuda_view import CacheView
 
-        free, _ = torch.cuda.mem_get_info(0)
-        reserved = torch.cuda.memory_reserved(0)
-        cap = int(self.fraction * torch.cuda.get_device_properties(0).total_memory)
         view = CacheView(torch.cuda.memory._snapshot(0)["segments"], (), 0.0, device=0,
                          stream=torch.cuda.current_stream(0).cuda_stream,
                          settings=settings_from_environment())
-        return (max(0, min(free, cap - reserved)), view.releasable,
-                view.largest("large_pool"))
+        return self.room(), view.releasable, view.largest("large_pool")
+
+    def room(self) -> int:
+        """What may still be reserved: the device's free memory, within the cap."""
+        free, _ = torch.cuda.mem_get_info(0)
+        cap = int(self.fraction * torch.cuda.get_device_properties(0).total_memory)
+        return max(0, min(free, cap - torch.cuda.memory_reserved(0)))
 
     def places(self, nbytes: int) -> bool:
         """Really placed, then freed (the trial ends soon after)."""
@@ -160,24 +166,34 @@ class RealCuda:
         torch.cuda.empty_cache()
 
 
-def walk(card: Any, backend: CudaBackend, rng: random.Random, *, base: bool,
-         after_base: Any = None, steps: tuple[int, int] = (20, 150)) -> None:
-    """tests/cuda_harness.fragmented_walk's states, through ``card.allocate``/``free``."""
+def walk(card: Any, rng: random.Random, *, base: bool, after_base: Any = None,
+         steps: tuple[int, int] = (20, 150), base_gb: tuple[float, float] = (3.0, 8.0),
+         free_activations: bool = False) -> list[object]:
+    """Walk ``card`` (``allocate``, ``free``, ``allocated()``, ``room()``) into a pressed,
+    fragmented state, as the H200 probe walked the real allocator: with ``base``, a resident
+    base (models: 100-600 MB pieces, ``base_gb`` in all; then ``after_base()``, a Director's
+    first snapshot) and activations up to a random headroom (0-1.5 GB left), resident too
+    unless ``free_activations``; then mixed allocations and frees of 512 B to 600 MB, never
+    of what is resident. Requests the card cannot place are skipped (the allocator released
+    its cache trying, as it does). Returns the live handles."""
     live: list[object] = []
+    resident = 0
     if base:
-        target = rng.uniform(3.0, 8.0) * GB
+        target = rng.uniform(*base_gb) * GB
         while card.allocated() < target:
             with contextlib.suppress(torch.OutOfMemoryError):
                 live.append(card.allocate(rng.randrange(100, 600) * 10**6))
+        resident = len(live)
         if after_base is not None:
             after_base()
         headroom = rng.uniform(0, 1.5) * GB
         for _ in range(400):
-            if card.truth()[0] < headroom:
+            if card.room() < headroom:
                 break
             with contextlib.suppress(torch.OutOfMemoryError):
                 live.append(card.allocate(int(2 ** rng.uniform(20, 29.2))))
-    resident = len(live) if base else 0
+        if not free_activations:
+            resident = len(live)
     for _ in range(rng.randint(*steps)):
         if len(live) > resident and rng.random() < 0.5:
             card.free(live.pop(rng.randrange(resident, len(live))))
@@ -185,6 +201,7 @@ def walk(card: Any, backend: CudaBackend, rng: random.Random, *, base: bool,
             size = int(2 ** rng.uniform(9, 29.2)) + rng.randrange(512)
             with contextlib.suppress(torch.OutOfMemoryError):
                 live.append(card.allocate(size))
+    return live
 
 
 def request_near_an_edge(card: Any, rng: random.Random) -> int:
@@ -205,9 +222,9 @@ def fuzz(card: Any, trials: int, *, policy: str = "on_refusal", seed: str = "0")
         backend = card.new_trial()
         backend.decision_views = policy
         backend.snapshot_min_interval_s = 0.0 if rng.random() < 0.5 else 3600.0
-        walk(card, backend, rng, base=True, after_base=backend.cache_view)
+        walk(card, rng, base=True, after_base=backend.cache_view)
         backend.cache_view()  # a dashboard's read, older than what follows
-        walk(card, backend, rng, base=False)
+        walk(card, rng, base=False)
         model = AllocatorModel(backend, "allocated", 100 * GB)
         n = request_near_an_edge(card, rng)
         before = card.snapshots

@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,42 +68,51 @@ def levels(card: Any) -> tuple[int, int]:
     return torch.cuda.memory_allocated(0), torch.cuda.memory_reserved(0)
 
 
-def run_for_real(card: Any, plan: list[tuple[AllocationTrace, int]], hard: int,
-                 basis: str) -> tuple:
-    """The plan's events on the device, one allocation at a time; what a run leaves is freed
-    at its end, and everything at an OOM, as a forward's exception would."""
-    a, r = levels(card)
+def run_for_real(allocate: Callable[[int], Any], free: Callable[[Any], None],
+                 levels: Callable[[], tuple[int, int]], plan: list[tuple[AllocationTrace, int]],
+                 hard: int, basis: str) -> tuple:
+    """Doing it: the plan's events through ``allocate``/``free``, reading ``levels()``
+    (allocated, reserved) after every allocation. What a run leaves is freed at its end, and
+    everything at an OOM, as a forward's exception would; a workspace (``trace.optional``)
+    that cannot be placed is gone without. (fits, peak allocated, peak reserved, the OOM's
+    event, the first event past ``hard`` on ``basis``, workspaces gone without): the figures
+    of a ``Rehearsal``, event indices counted over the plan."""
+    on_reserved = basis == "reserved"
+    a, r = levels()
     peak_a, peak_r = a, r
-    over = 0 if (r if basis == "reserved" else a) > hard else None
-    index = 0
+    over = 0 if (r if on_reserved else a) > hard else None
+    index = absorbed = 0
     for trace, repeats in plan:
         for _ in range(repeats):
-            handles: list[object] = []
-            oom = None
+            handles: list[Any] = []
             try:
                 for event in trace.events:
-                    if event >= 0:
+                    if event > 0:
                         try:
-                            handles.append(card.allocate(event) if event else None)
+                            handles.append(allocate(event))
                         except torch.OutOfMemoryError:
-                            oom = index
-                            break
-                        a, r = levels(card)
+                            if len(handles) not in trace.optional:
+                                return (False, peak_a, peak_r, index, over, absorbed)
+                            handles.append(None)
+                            absorbed += 1
+                            index += 1
+                            continue
+                        a, r = levels()
                         peak_a, peak_r = max(peak_a, a), max(peak_r, r)
-                        if over is None and (r if basis == "reserved" else a) > hard:
+                        if over is None and (r if on_reserved else a) > hard:
                             over = index
+                    elif event == 0:
+                        handles.append(None)
                     else:
                         h, handles[~event] = handles[~event], None
                         if h is not None:
-                            card.free(h)
+                            free(h)
                     index += 1
             finally:
                 for h in handles:
                     if h is not None:
-                        card.free(h)
-            if oom is not None:
-                return (False, peak_a, peak_r, oom, over)
-    return (over is None, peak_a, peak_r, None, over)
+                        free(h)
+    return (over is None, peak_a, peak_r, None, over, absorbed)
 
 
 def fidelity(card: Any, trials: int, seed: str = "0") -> Counter:
@@ -112,8 +122,8 @@ def fidelity(card: Any, trials: int, seed: str = "0") -> Counter:
         backend = card.new_trial()
         # The Director's first snapshot, once its models are in: where CudaBackend learns
         # each expandable segment's start, before anything in it is unmapped.
-        walk(card, backend, rng, base=True, after_base=backend.cache_view)
-        walk(card, backend, rng, base=False)
+        walk(card, rng, base=True, after_base=backend.cache_view)
+        walk(card, rng, base=False)
         plan = [(random_trace(rng, rng.randint(50, 300)), rng.randint(1, 3))
                 for _ in range(rng.randint(1, 3))]
         basis = rng.choice(["allocated", "reserved"])
@@ -126,7 +136,7 @@ def fidelity(card: Any, trials: int, seed: str = "0") -> Counter:
         snap = backend.memory_snapshot()
         blind = rehearse_twins(twins_of({**snap, "expandable_segment_starts": []}), plan,
                                hard, basis)
-        done = run_for_real(card, plan, hard, basis)
+        done = run_for_real(card.allocate, card.free, lambda: levels(card), plan, hard, basis)
         out["trials"] += 1
         out["fits"] += done[0]
         out["oom"] += done[3] is not None
@@ -137,7 +147,7 @@ def fidelity(card: Any, trials: int, seed: str = "0") -> Counter:
 
 def _compare(out: Counter, prefix: str, r: Any, done: tuple) -> None:
     said = (r.fits, r.peak_allocated_bytes, r.peak_reserved_bytes, r.oom_at,
-            r.over_hard_limit_at)
+            r.over_hard_limit_at, r.ooms_absorbed)
     out[prefix + "exact"] += said == done
     out[prefix + "escaped"] += r.fits and not done[0]
     out[prefix + "conservative"] += done[0] and not r.fits

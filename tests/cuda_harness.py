@@ -7,7 +7,6 @@ the allocation on the card (or on a ``clone()`` of it)."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -74,34 +73,24 @@ class CardAsCuda:
 def fragmented_walk(card: SimulatedBackend, rng: random.Random, *, base_gb: tuple[float, float]
                     = (3.0, 8.0), steps: tuple[int, int] = (40, 300),
                     after_base: Callable[[], object] | None = None) -> list[int]:
-    """A resident base (models: 100-600 MB pieces), activations up to a random headroom
-    (0-1.5 GB left), then mixed allocations and frees of sizes from 512 B to 600 MB: the
-    pressed, fragmented states the H200 probe walked the real allocator into. Requests the
-    card cannot place are skipped (the allocator released its cache trying, as it does).
-    ``after_base`` runs once the base is loaded (a Director's first snapshot). Returns the
-    live handles."""
-    live: list[int] = []
-    target = rng.uniform(*base_gb) * GB
-    while card.sample().allocated_bytes < target:
-        with contextlib.suppress(torch.OutOfMemoryError):
-            live.append(card.allocate(rng.randrange(100, 600) * 10**6))
-    resident = len(live)
-    if after_base is not None:
-        after_base()
-    headroom = rng.uniform(0, 1.5) * GB
-    for _ in range(400):  # activations, until the headroom is reached
-        if card.cache_state(0).room_bytes < headroom:
-            break
-        with contextlib.suppress(torch.OutOfMemoryError):
-            live.append(card.allocate(int(2 ** rng.uniform(20, 29.2))))
-    for _ in range(rng.randint(*steps)):
-        if len(live) > resident and rng.random() < 0.5:
-            card.free(live.pop(rng.randrange(resident, len(live))))
-        else:
-            size = int(2 ** rng.uniform(9, 29.2)) + rng.randrange(512)
-            with contextlib.suppress(torch.OutOfMemoryError):
-                live.append(card.allocate(size))
-    return live
+    """benchmarks/guard_fuzz.py's walk on a simulated card: a resident base, activations up
+    to a random headroom, then mixed allocations and frees (the pressed, fragmented states
+    the H200 probe walked the real allocator into). Returns the live handles."""
+    from benchmarks.guard_fuzz import walk
+
+    class OnCard:
+        allocate, free = card.allocate, card.free
+
+        @staticmethod
+        def allocated() -> int:
+            return card.sample().allocated_bytes
+
+        @staticmethod
+        def room() -> int:
+            return card.cache_state(0).room_bytes
+
+    return walk(OnCard(), rng, base=True, after_base=after_base, steps=steps,
+                base_gb=base_gb, free_activations=True)  # type: ignore[return-value]
 
 
 def places(card: SimulatedBackend, nbytes: int) -> bool:

@@ -17,7 +17,7 @@ from app import CudaBackend, SimulatedBackend, VRAMMonitor
 from app.backends.capture import AllocationTrace
 from app.backends.rehearsal import Rehearsal
 from app.backends.twin import rehearse_twins, twin_of, twins_of
-from benchmarks.twin_fidelity import random_trace
+from benchmarks.twin_fidelity import random_trace, run_for_real
 from tests.cuda_harness import GB, CardAsCuda, MiB, fragmented_walk
 
 SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:256,roundup_power2_divisions:4"]
@@ -43,50 +43,13 @@ def captured_trace(side: int) -> AllocationTrace:
 
 
 def by_hand(card: SimulatedBackend, plan, hard: int, basis: str) -> tuple:
-    """The plan run on the card itself, one public call an event, sample() after each."""
-    def usage(s):
-        return s.reserved_bytes if basis == "reserved" else s.allocated_bytes
+    """The plan run on the card itself, one public call an event, sample() after each
+    (benchmarks/twin_fidelity.py's doing it, which runs it on CUDA too)."""
+    def levels() -> tuple[int, int]:
+        s = card.sample()
+        return s.allocated_bytes, s.reserved_bytes
 
-    s = card.sample()
-    index, peak_a, peak_r = 0, s.allocated_bytes, s.reserved_bytes
-    over = 0 if usage(s) > hard else None
-    oom = None
-    absorbed = 0
-    for trace, repeats in plan:
-        for _ in range(repeats):
-            handles: list[int | None] = []
-            try:
-                for event in trace.events:
-                    if event > 0:
-                        try:
-                            handles.append(card.allocate(event))
-                        except torch.OutOfMemoryError:
-                            if len(handles) not in trace.optional:
-                                oom = index
-                                break
-                            handles.append(None)
-                            absorbed += 1
-                            index += 1
-                            continue
-                        s = card.sample()
-                        peak_a, peak_r = max(peak_a, s.allocated_bytes), max(peak_r,
-                                                                              s.reserved_bytes)
-                        if over is None and usage(s) > hard:
-                            over = index
-                    elif event == 0:
-                        handles.append(None)
-                    else:
-                        h, handles[~event] = handles[~event], None
-                        if h is not None:
-                            card.free(h)
-                    index += 1
-            finally:
-                for h in handles:
-                    if h is not None:
-                        card.free(h)
-            if oom is not None:
-                return (False, peak_a, peak_r, oom, over, absorbed)
-    return (over is None, peak_a, peak_r, None, over, absorbed)
+    return run_for_real(card.allocate, card.free, levels, plan, hard, basis)
 
 
 def figures(r: Rehearsal) -> tuple:
