@@ -38,37 +38,36 @@ Real models (``--workload models``, needs the ``models`` extra)::
 
     python benchmarks/fragmentation.py --simulate --workload models --seed 0 --json frag.json
 
-Each run's card holds the five real architectures (app/models: 8.48 GB with expandable
-segments off, 8.34 GB on, where weight blocks are rounded less), loaded inside the card's
-``capture()`` with a warm-up forward as ``ModelsDevice.load`` loads them. They are built once
-per process and re-materialised on each fresh card (``to_empty`` inside its capture, then the
-warm-ups): that card then has the same segments and blocks as a fresh build's. A slot runs the
-real stages (``STAGES``: text, four Flux steps, the VAE decode, LivePortrait over 125 frames,
-5 s of Kokoro), each replaying its traced forward pass at the slot's shape, as the demo's
-``ModelsDevice.run_stage`` does: ``fit_allocation`` of the stage's traced peak at the
-admitted scale, the replay at ``got / want`` of the way down (``SlotShape.scaled``), then
-``check_limits``. The draws are the synthetic workload's, in the same order: a job's
-resolution is an image side and a LivePortrait batch (512 and 2 frames at 0.3 GB up to 1024
-and 8 frames at 1.5 GB, ``MODEL_SIDES``/``MODEL_BATCHES``), the KV/conditioning caches of
-the Flux and LivePortrait blocks and the adapter swaps are the same; the blocks' jitter and
-the small stages' activations are drawn and unused. A stage's caches are made in its last
-repeat at the trace's peak, while its activations are live (the repeats replay one trace, so
-a cache made in an earlier repeat lands in the same free piece). Each stage's trace at each
-shape is made once per process, on a scratch card holding its own copy of the five (a forward
-puts the weight-norm and spectral-norm weights it recomputes on the card it runs under, so
-tracing with the run's modules would move them off the run's card); a run checks that its
-card holds the models' bytes exactly after its last slot. ``stages_over_grant`` counts the
-shrunk stages whose preset's peak is above the bytes granted (Flux at 704² needs 0.32 GB, more
-than half of 1024²'s 0.51). A slot makes 15,000-30,000 allocator calls (0.35-0.5 s on a
-2-core VM) and a card's load takes 4-6 s, so ``--slots`` defaults to 200 here: six runs in
-about 9 minutes on a 2-core VM, of which about 1.5 are building, warm-ups and first traces
-(seed 0's first adapter swap is at slot 174).
+Each run's card holds the five real architectures (app/models: 8.48 GB with expandable segments
+off, 8.34 GB on, where weight blocks are rounded less), loaded inside the card's ``capture()``
+with a warm-up forward as ``ModelsDevice.load`` loads them. They are built once per process and
+re-materialised on each fresh card (``to_empty`` inside its capture, then the warm-ups): that
+card then has the same segments and blocks as a fresh build's. A slot runs the real stages
+(``STAGES``: text, four Flux steps, the VAE decode, LivePortrait over 125 frames, 5 s of
+Kokoro), each replaying its traced forward pass at the slot's shape, as the demo's
+``ModelsDevice.run_stage`` does: ``fit_allocation`` of the stage's traced peak at the admitted
+scale, the replay at ``got / want`` of the way down (``SlotShape.scaled``), then
+``check_limits``. The draws are the synthetic workload's, in the same order: a job's resolution
+is an image side and a LivePortrait batch (512 and 2 frames at 0.3 GB up to 1024 and 8 frames
+at 1.5 GB, ``MODEL_SIDES``/``MODEL_BATCHES``), the KV/conditioning caches of the Flux and
+LivePortrait blocks and the adapter swaps are the same; the blocks' jitter and the small
+stages' activations are drawn and unused. A stage's caches are made in its last repeat at the
+trace's peak, while its activations are live (the repeats replay one trace, so a cache made in
+an earlier repeat lands in the same free piece). Each stage's trace at each shape is made once
+per process, with the run's modules, on StageTraces' scratch card (which puts back the
+weight-norm and spectral-norm weights a forward recomputes, so they stay on the run's card); a
+run checks that its card holds the models' bytes exactly after its last slot.
+``stages_over_grant`` counts the shrunk stages whose preset's peak is above the bytes granted
+(Flux at 704² needs 0.32 GB, more than half of 1024²'s 0.51). A slot makes 15,000-30,000
+allocator calls (0.35-0.5 s on a 2-core VM) and a card's load takes 4-6 s, so ``--slots``
+defaults to 200 here: six runs in about 9 minutes on a 2-core VM, of which about 1.5 are
+building, warm-ups and first traces (seed 0's first adapter swap is at slot 174).
 
-The five real models hold 8.48 GB where the synthetic weights hold 10.8 GB, and the largest
-stage peaks at 1.97 GB (LivePortrait, 8 frames), so every slot of seed 0's 200 stays under the
-11 GB soft limit (at most 10.72 GB allocated): no guard refuses, shrinks or loses a slot, even
-where expandable segments are off and pinned segments take the reserved bytes to 12.38 GB of
-the 12.53 GB the card has beside its context, and force one allocator retry.
+The five real models hold 8.48 GB where the synthetic weights hold 10.8 GB, so every slot of
+seed 0's 200 stays under the 11.5 GB hard limit (at most 11.16 GB allocated, the VAE's
+convolution workspaces included): no guard refuses, shrinks or loses a slot, even where
+expandable segments are off and pinned segments take the reserved bytes to 12.45 GB of the
+12.53 GB the card has beside its context (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -514,21 +513,15 @@ def _load_models(card: SimulatedBackend, parts: dict[str, dict[str, torch.nn.Mod
 
 
 class ModelStages:
-    """Each stage's trace at each shape, made once per process on a scratch card with its own
-    copy of the five: what an op requests does not depend on the card, and a forward moves the
-    weight-norm and spectral-norm weights it recomputes onto the card whose capture it runs in,
-    so tracing with the run cards' modules would take those weights off a run's card. Also the
-    parts the run cards hold, built once and moved from card to card."""
+    """The parts the run cards hold, built once and moved from card to card, and each stage's
+    trace at each shape, made once per process with them (StageTraces traces off the card:
+    what an op requests does not depend on the card)."""
 
     def __init__(self) -> None:
-        self.scratch = SimulatedBackend(1 << 40, name="trace scratch card")
-        scratch_parts: dict[str, dict[str, torch.nn.Module]] = {}
-        self._scratch_models = ResidentModels(scratch_parts)
-        _load_models(self.scratch, scratch_parts, self._scratch_models)
-        self._traces = StageTraces(self._scratch_models, self.scratch)
-        self._known: dict[tuple[str, int], tuple[tuple[int, ...], int, int]] = {}
         self.parts: dict[str, dict[str, torch.nn.Module]] = {}
         self.models = ResidentModels(self.parts)
+        self._traces = StageTraces(self.models, make_card(False))  # an RTX 3060's kernels
+        self._known: dict[tuple[str, int], tuple[AllocationTrace, int, int]] = {}
 
     def load(self, card: SimulatedBackend) -> int:
         """The five on a run's card; the bytes they hold there."""

@@ -376,7 +376,9 @@ class Capture(TorchDispatchMode):
     def _note(self, nbytes: int, *, workspace: bool = False) -> dict[Capture, int]:
         """An allocation, in every recording capture open: its index in each. A workspace is
         freed at once and marked optional (a replay goes on without one that does not fit)."""
-        indices = {}
+        indices: dict[Capture, int] = {}
+        if not (self._recording or self._riders):
+            return indices  # nothing records: the common case, a model loading
         for c in self._recorders():
             index = c._allocations
             c._allocations += 1

@@ -245,11 +245,7 @@ class CudaBackend:
           snapshot (~0.4 ms on an H200), which the allocator model does before it refuses.
         """
         st = self.allocator_settings
-        stats = self._read_stats()
-        key = self._state_key(stats)
-        dm = self.device_memory(_sample_of(stats))
-        reserved = stats["reserved_bytes"]["all"]["current"]
-        room = max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
+        stats, key, room = self._read_room()
         size = st.round_size(nbytes) if nbytes > 0 else 0
         pool = "small_pool" if st.is_small(size) and size else "large_pool"
         cached = stats["reserved_bytes"][pool]["current"] - stats["active_bytes"][pool]["current"]
@@ -285,16 +281,21 @@ class CudaBackend:
                           view.releasable, view.largest("large_pool"), split,
                           st.expandable_segments)
 
+    def _read_room(self) -> tuple[dict[str, Any], tuple[int, ...], int]:
+        """One read of the allocator (its stats, their state key) and of the device: what may
+        still be reserved without releasing anything, within the cap."""
+        stats = self._read_stats()
+        key = self._state_key(stats)
+        dm = self.device_memory(_sample_of(stats))
+        reserved = stats["reserved_bytes"]["all"]["current"]
+        return stats, key, max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
+
     def cache_view(self) -> CacheState:
         """``cache_state(0)``'s figures for a dashboard: from a snapshot taken at most once
         per ``snapshot_min_interval_s`` whatever asks (an HTTP client cannot make the Director
         take them at will); between two, the last one answers, marked ``estimate``."""
         st = self.allocator_settings
-        stats = self._read_stats()
-        key = self._state_key(stats)
-        dm = self.device_memory(_sample_of(stats))
-        reserved = stats["reserved_bytes"]["all"]["current"]
-        room = max(0, min(dm.free_bytes, self.reservable_bytes() - reserved))
+        stats, key, room = self._read_room()
         with self._view_lock:
             view = self._view
         stale = view is None or view.key != key

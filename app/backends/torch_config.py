@@ -135,6 +135,14 @@ class _Tokens:
             raise ConfigError(f"{self.key} needs True or False, got {tok!r}", self.key)
         return tok == "True"
 
+    def next_key(self, i: int) -> int:
+        """From the last token of a key's value to the next key: past the ``,`` that ends
+        the value (checked only, as checkToken asserts), and one more."""
+        if i + 1 < len(self.t):
+            self.check(i + 1, ",")
+            i += 1
+        return i + 1
+
     def skip_key(self, i: int) -> int:
         """skipKey: the index of the key's value, or of the ``]`` closing a list value."""
         i += 1
@@ -261,10 +269,7 @@ class _Parse:
                 if self.cuda and key not in KEYS:
                     raise ConfigError(f"unrecognized key {key!r}", key)
                 i = t.skip_key(i)
-            if i + 1 < len(t):
-                t.check(i + 1, ",")
-                i += 1
-            i += 1
+            i = t.next_key(i)
 
     def large_segment_size(self, i: int) -> int:
         t = self.t
@@ -384,10 +389,7 @@ class _Parse:
                 if key not in KEYS:
                     raise ConfigError(f"unrecognized key {key!r}", key)
                 i = t.skip_key(i)
-            if i + 1 < len(t):
-                t.check(i + 1, ",")
-                i += 1
-            i += 1
+            i = t.next_key(i)
 
 
 def parse(text: str, previous: State | None = None, *, cuda: bool = True

@@ -128,18 +128,6 @@ def _block_of(seg: _Segment, info: Mapping[str, Any], address: int) -> _Block:
     return b
 
 
-def _link(card: SimulatedBackend, seg: _Segment, blocks: list[_Block]) -> None:
-    prev = None
-    for b in blocks:
-        b.prev = prev
-        if prev is None:
-            seg.head = b
-        else:
-            prev.next = b
-        card._blocks[b.address] = b
-        prev = b
-
-
 def _fixed_segment(card: SimulatedBackend, info: Mapping[str, Any], small: bool) -> None:
     seg = _Segment(int(info["address"]), int(info["total_size"]), small, expandable=False)
     card._segments[seg.address] = seg
@@ -151,7 +139,7 @@ def _fixed_segment(card: SimulatedBackend, info: Mapping[str, Any], small: bool)
         at = b.address + b.size
     if sum(b.size for b in blocks) != seg.size:
         raise ValueError(f"segment at {seg.address:#x}: its blocks do not add up to its size")
-    _link(card, seg, blocks)
+    card._link(seg, blocks)
     card._stat("reserved_bytes", pool, seg.size)
     card._stat("segment", pool, 1)
     if seg.size >= card._settings.max_split_size_bytes:
@@ -199,7 +187,7 @@ def _expandable_segment(card: SimulatedBackend, ranges: list[dict[str, Any]], sm
         card._stat("reserved_bytes", pool, info["total_size"])
     if start + span > cursor:
         pieces.append(_Block(seg, cursor, start + span - cursor, mapped=False))
-    _link(card, seg, pieces)
+    card._link(seg, pieces)
     for b in pieces:
         if not b.mapped:
             pool.unmapped.add(b.address)

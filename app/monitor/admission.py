@@ -223,7 +223,7 @@ class Admitter:
         assert first is not None
         return self._decided(Admission(
             "refuse", first.peak_bytes, hard - first.peak_bytes, 0.0,
-            f"no preset fits: {_why_not(presets[0], first, hard)}; the smallest "
+            f"no preset fits: {_why_not(first, hard)}; the smallest "
             f"(scale {presets[-1].scale:g}) does not either", slot,
             max(0, first.peak_bytes - usage), "rehearsal"), "rehearsal")
 
@@ -276,7 +276,7 @@ class Admitter:
                              activation, "rehearsal")
         return Admission(
             "refuse", v.peak_bytes, hard - v.peak_bytes, presets[i].scale,
-            f"{_why_not(presets[0], first, hard)}; preset {presets[i].scale:g} fits"
+            f"{_why_not(first, hard)}; preset {presets[i].scale:g} fits"
             f"{released}: peak {peak} ({how})", slot, activation, "rehearsal")
 
     def _after_cleanup(self, s: AllocatorSample, v: SlotVerdict, activation: int,
@@ -324,7 +324,7 @@ class Admitter:
         return a
 
 
-def _why_not(preset: SlotPreset, v: PresetVerdict, hard: int) -> str:
+def _why_not(v: PresetVerdict, hard: int) -> str:
     """Why the slot as asked does not fit, for the admission's reason."""
     r = v.rehearsal
     if r is not None and r.oom_at is not None:

@@ -95,6 +95,18 @@ class CachingAllocator(_ExpandableSegments):
         self._blocks.clear()
         self._segments.clear()
 
+    def _link(self, seg: _Segment, blocks: list[_Block]) -> None:
+        """Make ``blocks`` (in address order) ``seg``'s chain, and known by address."""
+        prev = None
+        for b in blocks:
+            b.prev = prev
+            if prev is None:
+                seg.head = b
+            else:
+                prev.next = b
+            self._blocks[b.address] = b
+            prev = b
+
     def _copy_state_into(self, other: CachingAllocator) -> dict[int, _Block]:
         """Make ``other`` (new, same card and settings) hold this allocator's state: every
         segment and block at its address, the free sets, the stats and counters, the cap.
@@ -104,19 +116,15 @@ class CachingAllocator(_ExpandableSegments):
         for seg in self._segments.values():
             copy = _Segment(seg.address, seg.size, seg.small, seg.expandable, seg.page)
             other._segments[copy.address] = copy
-            prev: _Block | None = None
+            chain = []
             b = seg.head
             while b is not None:
                 nb = _Block(copy, b.address, b.size, b.mapped)
                 nb.requested, nb.allocated, nb.gc_base = b.requested, b.allocated, b.gc_base
-                nb.prev = prev
-                if prev is None:
-                    copy.head = nb
-                else:
-                    prev.next = nb
-                other._blocks[nb.address] = nb
+                chain.append(nb)
                 blocks[id(b)] = nb
-                prev, b = nb, b.next
+                b = b.next
+            other._link(copy, chain)
         for mine, theirs in ((self._small, other._small), (self._large, other._large)):
             theirs.free = mine.free.copy()
             theirs.unmapped = mine.unmapped.copy()
